@@ -1,0 +1,239 @@
+"""Loading and saving ONNX models without loss.
+
+``load_model`` accepts a path, the serialized bytes or a ``ModelProto``. External data
+(``model.onnx.data`` and friends) is loaded from the model's folder; a location that is absolute
+or escapes that folder (``../secret``, a symlink pointing outside) is refused before anything is
+read. ``save_model`` writes atomically: everything goes to a temporary folder beside the target
+and is moved into place with ``os.replace`` only once complete, so a failure leaves no partial
+output and an existing file is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InvalidModelError, OutputPathError
+from .validate import validate_model
+
+logger = logging.getLogger(__name__)
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+#: protobuf cannot serialize a message of 2 GiB or more; above this we write external data.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+#: tensors at least this large go to the external data file when saving as external data.
+EXTERNAL_DATA_MIN_BYTES = 1024
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers and Constant/attribute tensors, subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from iter_tensors(sub)
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    return ""
+
+
+def _check_external_locations(model: onnx.ModelProto, base_dir: Path) -> None:
+    base = base_dir.resolve()
+    for tensor in iter_tensors(model.graph):
+        location = _external_location(tensor)
+        if location is None:
+            continue
+        if not location:
+            raise InvalidModelError(f"tensor '{tensor.name}' is stored externally but has no location")
+        if os.path.isabs(location):
+            raise InvalidModelError(
+                f"external data of tensor '{tensor.name}' has an absolute location '{location}'; "
+                "only files inside the model's folder are read"
+            )
+        target = (base / location).resolve()
+        if target != base and base not in target.parents:
+            raise InvalidModelError(
+                f"external data location '{location}' of tensor '{tensor.name}' escapes the "
+                f"model's folder {base}"
+            )
+        if not target.is_file():
+            raise InvalidModelError(
+                f"missing external data: tensor '{tensor.name}' needs '{location}', "
+                f"not found in {base}"
+            )
+
+
+def _parse(data: bytes, origin: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{origin} is empty")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(f"{origin} is not an ONNX model (protobuf parse failed: {exc})") from exc
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InvalidModelError(
+            f"{origin} is not an ONNX model (no graph or no ir_version in the protobuf)"
+        )
+    return model
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    validate: bool = True,
+) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ModelProto; external data is resolved and checked.
+
+    ``base_dir`` is where external data is looked up for bytes / ModelProto sources (for a path
+    it is the file's folder). A ModelProto source is copied, never mutated. With ``validate``
+    the model goes through :func:`validate_model` (checker, shape inference, opset range).
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        origin = "model"
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        model = _parse(bytes(source), "the given bytes")
+        origin = "model bytes"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InvalidModelError(f"{path}: no such file")
+        if not path.is_file():
+            raise InvalidModelError(f"{path}: not a regular file")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidModelError(f"{path}: cannot read ({exc.strerror})") from exc
+        model = _parse(data, str(path))
+        base_dir = path.parent
+        origin = str(path)
+    else:
+        raise TypeError(f"load_model expects a path, bytes or ModelProto, got {type(source).__name__}")
+
+    has_external = any(_external_location(t) is not None for t in iter_tensors(model.graph))
+    if has_external:
+        if base_dir is None:
+            raise InvalidModelError(
+                f"{origin} stores tensors as external data; pass a path (or base_dir) so they can be found"
+            )
+        _check_external_locations(model, Path(base_dir))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except (OSError, ValueError) as exc:
+            raise InvalidModelError(f"{origin}: cannot load external data ({exc})") from exc
+    if validate:
+        validate_model(model, origin=origin)
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor payload in the model (what decides whether it fits in one protobuf)."""
+    total = 0
+    for tensor in iter_tensors(model.graph):
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse output paths that would overwrite an input or cannot be written; return it resolved."""
+    out = Path(output)
+    folder = out.parent if str(out.parent) else Path(".")
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp_path = Path(inp)
+        same = out.resolve() == inp_path.resolve()
+        if not same and out.exists() and inp_path.exists():
+            same = os.path.samefile(out, inp_path)
+        if same:
+            raise OutputPathError(f"output path {out} is the input file; refusing to overwrite the input")
+    if out.exists() and out.is_dir():
+        raise OutputPathError(f"output path {out} is a folder")
+    if not folder.is_dir():
+        raise OutputPathError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {folder} is not writable")
+    return out
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path.
+
+    ``external_data``: ``True`` always writes tensors to ``<name>.data`` beside the model,
+    ``False`` never (fails for models over 2 GiB), ``None`` (default) only when needed.
+    ``protect``: paths (the inputs) that must never be overwritten.
+    """
+    out = check_output_path(path, *protect)
+    if external_data is None:
+        external_data = tensor_bytes(model) >= PROTOBUF_LIMIT_BYTES - 64 * 1024 * 1024
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write in {folder}: {exc.strerror}") from exc
+    try:
+        tmp_model = tmp_dir / out.name
+        data_name = out.name + ".data"
+        if external_data:
+            to_write = onnx.ModelProto()
+            to_write.CopyFrom(model)
+            external_data_helper.convert_model_to_external_data(
+                to_write,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=EXTERNAL_DATA_MIN_BYTES,
+                convert_attribute=True,
+            )
+            onnx.save_model(to_write, str(tmp_model))
+            if (tmp_dir / data_name).exists():
+                os.replace(tmp_dir / data_name, folder / data_name)
+        else:
+            try:
+                data = model.SerializeToString()
+            except ValueError as exc:
+                raise OutputPathError(
+                    f"model is too large for a single protobuf ({exc}); save with external_data=True"
+                ) from exc
+            tmp_model.write_bytes(data)
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.debug("saved %s (external data: %s)", out, external_data)
+    return out

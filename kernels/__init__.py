@@ -1,0 +1,1 @@
+"""kernels: Numba INT8 kernels (see the tracker's INT8 runtime issue). Not built yet."""

@@ -1,0 +1,54 @@
+"""FoldConstantsPass: evaluate nodes whose inputs are all constant, with a size limit.
+
+A node is folded when every input is a weight (initializer or ``Constant`` node) or a shape that
+is statically known (``Shape`` of a tensor whose dimensions are all integers), and its outputs
+stay below ``size_limit_bytes`` (default 4 MiB for newly created tensors, so a
+``ConstantOfShape`` or ``Tile`` of a big shape is not baked into the file). The evaluation is done
+by ONNX Runtime through graphsurgeon's ``fold_constants``; ``Constant`` nodes themselves become
+initializers. Non-deterministic ops (``RandomNormal`` and friends) are never folded.
+
+The result of a folded node is exactly what the runtime would compute at inference time, so the
+rewrite is exact up to the runtime's own determinism.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_graphsurgeon as gs
+
+from .base import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZE_LIMIT_BYTES = 4 << 20
+
+
+def _signature(graph: gs.Graph) -> tuple[int, int]:
+    consts = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    return len(graph.nodes), consts
+
+
+class FoldConstantsPass(Pass):
+    name = "fold-constants"
+
+    def __init__(self, *, size_limit_bytes: int = DEFAULT_SIZE_LIMIT_BYTES):
+        self.size_limit_bytes = size_limit_bytes
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        nodes_before = len(graph.nodes)
+        constant_nodes = sum(1 for n in graph.nodes if n.op == "Constant")
+        graph.fold_constants(
+            fold_shapes=True,
+            recurse_subgraphs=True,
+            partitioning="basic",
+            error_ok=True,
+            flatten_subgraphs=False,
+            size_threshold=self.size_limit_bytes,
+            should_exclude_node=lambda node: node.op.startswith("Random") or node.op in ("Multinomial", "Bernoulli"),
+        )
+        graph.cleanup(remove_unused_graph_inputs=False)
+        removed = nodes_before - len(graph.nodes)
+        # Lifting a Constant node into an initializer is a change, but not a computation folded.
+        folded = max(0, removed - constant_nodes)
+        return PassResult(graph, removed > 0, folded)
