@@ -61,8 +61,13 @@ def _check_domains(model: onnx.ModelProto) -> None:
     visit(model.graph)
 
 
-def validate_model(model: onnx.ModelProto, *, origin: str = "model", shape_inference: bool = True) -> None:
-    """Raise if the model is not something onnx-compress can process; return None if it is."""
+def validate_model(
+    model: onnx.ModelProto, *, origin: str = "model", shape_inference: bool = True, serialized: bytes | None = None
+) -> None:
+    """Raise if the model is not something onnx-compress can process; return None if it is.
+
+    ``serialized``: the bytes ``model`` was parsed from, if at hand (the checker then need not
+    serialize the model again)."""
     opset = default_opset(model)
     if opset == 0:
         raise InvalidModelError(f"{origin} imports no default ONNX opset")
@@ -72,16 +77,91 @@ def validate_model(model: onnx.ModelProto, *, origin: str = "model", shape_infer
         )
     _check_domains(model)
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(model if serialized is None else serialized, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{origin} fails the ONNX checker: {_first_line(exc)}") from exc
     except ValueError as exc:  # e.g. a model over 2 GiB passed as a proto
         raise InvalidModelError(f"{origin} cannot be checked: {_first_line(exc)}") from exc
-    if shape_inference and model.ByteSize() < 2**31 - 1:
-        try:
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-            raise InvalidModelError(f"{origin} fails shape inference: {_first_line(exc)}") from exc
+    if shape_inference:
+        light = weightless_copy(model)
+        if light.ByteSize() < 2**31 - 1:
+            try:
+                onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
+            except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+                # confirm on the full model, so that a stripped weight can never cause a refusal
+                # (a model over 2 GiB cannot go to onnx's shape inference whole: not checked, as before)
+                if model.ByteSize() >= 2**31 - 1:
+                    return
+                try:
+                    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+                except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+                    raise InvalidModelError(f"{origin} fails shape inference: {_first_line(exc)}") from exc
+
+
+#: floating-point initializers with more raw bytes than this are left out of ``weightless_copy``
+WEIGHTLESS_MIN_BYTES = 1024
+_FLOAT_BYTES = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.DOUBLE: 8
+}
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for fd, value in source.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(target, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(target, fd.name).CopyFrom(value)
+        else:
+            setattr(target, fd.name, value)
+
+
+def stripped_initializers(model: onnx.ModelProto) -> list[int]:
+    """Indices of the top-level initializers that :func:`weightless_copy` leaves without data."""
+    indices = []
+    for i, t in enumerate(model.graph.initializer):  # sizes from dims: reading raw_data copies it
+        itemsize = _FLOAT_BYTES.get(t.data_type)
+        if itemsize and t.HasField("raw_data"):
+            count = 1
+            for d in t.dims:
+                count *= d
+            if count * itemsize > WEIGHTLESS_MIN_BYTES:
+                indices.append(i)
+    return indices
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large floating-point initializers have every field but ``raw_data``.
+
+    Shape inference needs only the type and dims of a weight; values are read only from small
+    integer tensors (Reshape shapes, Slice starts, ...), which are kept. onnx serializes the whole
+    model on every ``infer_shapes``/``check_model`` call, which for a 100 MB ResNet-50 costs more
+    than the inference itself; on this copy it costs nothing. The copy fails the checker (a tensor
+    without a value): it is only for shape inference and sizes.
+    """
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    stripped = set(stripped_initializers(model))
+    for i, tensor in enumerate(model.graph.initializer):
+        if i in stripped:
+            _copy_fields(tensor, light.graph.initializer.add(), skip="raw_data")
+        else:
+            light.graph.initializer.add().CopyFrom(tensor)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` run on :func:`weightless_copy`, weights put back.
+
+    Returns a new model (the input is not modified) with the inferred ``value_info``; keyword
+    arguments go to onnx's ``infer_shapes``.
+    """
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), **kwargs)
+    del inferred.graph.initializer[:]
+    inferred.graph.initializer.extend(model.graph.initializer)
+    return inferred
 
 
 def normalize_opset(model: onnx.ModelProto, *, target: int = MIN_OPSET) -> onnx.ModelProto:
@@ -99,4 +179,14 @@ def normalize_opset(model: onnx.ModelProto, *, target: int = MIN_OPSET) -> onnx.
         raise UnsupportedOpError(
             f"model uses opset {opset}; converting it to opset {target} failed: {_first_line(exc)}"
         ) from exc
+    # The converter leaves the IR version as it was; the new opset needs at least its own.
+    needed = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    if converted.ir_version < 4 <= needed:
+        # Below IR 4 every initializer had to be listed as an input (they are weights, not
+        # inputs anyone feeds); from IR 4 on that would make them overridable inputs.
+        weights = {t.name for t in converted.graph.initializer}
+        real_inputs = [vi for vi in converted.graph.input if vi.name not in weights]
+        del converted.graph.input[:]
+        converted.graph.input.extend(real_inputs)
+    converted.ir_version = max(converted.ir_version, needed)
     return converted

@@ -21,7 +21,7 @@ from .ir import io as ir_io
 from .ir.errors import OnnxCompressError, UnsupportedOpError, VerificationError
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, file_size, model_stats
-from .ir.validate import normalize_opset, validate_model
+from .ir.validate import infer_shapes, normalize_opset, validate_model
 from .options import CompressOptions
 from .passes.base import PassManager
 from .passes.registry import DEFAULT_PIPELINE, PASS_FACTORIES
@@ -66,6 +66,14 @@ def resolve_pipeline(options: CompressOptions) -> list[str]:
     return [n for n in names if n not in set(options.skip)]
 
 
+def _keep_original_value_info(compressed: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Shapes we inferred only to help the passes are not written out; the original's
+    ``value_info`` entries are kept for the tensors that still exist (nothing lost, nothing stale)."""
+    produced = {name for node in compressed.graph.node for name in node.output}
+    del compressed.graph.value_info[:]
+    compressed.graph.value_info.extend(vi for vi in original.graph.value_info if vi.name in produced)
+
+
 def load_for_compression(model: Any) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(original as loaded, working copy at opset >= 11)."""
     original = ir_io.load_model(model)
@@ -82,14 +90,14 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
 
     t0 = time.perf_counter()
     try:
-        inferred = onnx.shape_inference.infer_shapes(working, data_prop=True)
+        inferred = infer_shapes(working, data_prop=True)  # on a weightless copy: fast
     except Exception:  # shapes only help passes decide; a model that validated runs without them
         inferred = working
     graph = to_graph(inferred)
     manager = PassManager([PASS_FACTORIES[name](opts) for name in pipeline], steps=opts.max_steps)
     result = manager.call(graph)
     compressed = to_model(result.graph, like=working)
-    del compressed.graph.value_info[:]
+    _keep_original_value_info(compressed, working)
     validate_model(compressed, origin="compressed model", shape_inference=False)
     seconds["passes"] = time.perf_counter() - t0
 

@@ -104,7 +104,8 @@ def _compress_parser() -> argparse.ArgumentParser:
             default = f.default
             parser.add_argument(meta["flag"], dest=dest, type=type(default) if default is not None else str,
                                 metavar=meta["metavar"], help=f"{meta['help']} (default: {default})")
-        parser.set_defaults(**{dest: dataclasses.MISSING})
+        # "append" actions extend their default in place, so theirs is None (= not given)
+        parser.set_defaults(**{dest: None if meta["kind"] == "shapes" else dataclasses.MISSING})
     return parser
 
 
@@ -112,7 +113,7 @@ def _options_from_args(args: argparse.Namespace) -> dict:
     options = {}
     for f in option_fields():
         value = getattr(args, f.name)
-        if value is dataclasses.MISSING:
+        if value is dataclasses.MISSING or (value is None and f.metadata["kind"] == "shapes"):
             continue
         options[f.name] = value
     return options

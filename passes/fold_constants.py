@@ -16,12 +16,25 @@ from __future__ import annotations
 import logging
 
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .base import Pass, PassResult
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZE_LIMIT_BYTES = 4 << 20
+
+
+def _never_fold(node: gs.Node) -> bool:
+    """Non-deterministic ops, and ops producing sequences/optionals (graphsurgeon folds values
+    into numpy arrays, which a sequence is not: folding ``SequenceEmpty`` recursed without end)."""
+    op = node.op
+    return (
+        op.startswith("Random")
+        or op in ("Multinomial", "Bernoulli")
+        or "Sequence" in op
+        or op.startswith("Optional")
+    )
 
 
 def _signature(graph: gs.Graph) -> tuple[int, int]:
@@ -38,15 +51,22 @@ class FoldConstantsPass(Pass):
     def call(self, graph: gs.Graph) -> PassResult:
         nodes_before = len(graph.nodes)
         constant_nodes = sum(1 for n in graph.nodes if n.op == "Constant")
-        graph.fold_constants(
-            fold_shapes=True,
-            recurse_subgraphs=True,
-            partitioning="basic",
-            error_ok=True,
-            flatten_subgraphs=False,
-            size_threshold=self.size_limit_bytes,
-            should_exclude_node=lambda node: node.op.startswith("Random") or node.op in ("Multinomial", "Bernoulli"),
-        )
+        # graphsurgeon prints its warnings (failed partitions) to stdout; keep library output
+        # quiet and restore its setting afterwards.
+        severity = G_LOGGER.severity
+        G_LOGGER.severity = max(severity, G_LOGGER.CRITICAL)
+        try:
+            graph.fold_constants(
+                fold_shapes=True,
+                recurse_subgraphs=True,
+                partitioning="basic",
+                error_ok=True,
+                flatten_subgraphs=False,
+                size_threshold=self.size_limit_bytes,
+                should_exclude_node=_never_fold,
+            )
+        finally:
+            G_LOGGER.severity = severity
         graph.cleanup(remove_unused_graph_inputs=False)
         removed = nodes_before - len(graph.nodes)
         # Lifting a Constant node into an initializer is a change, but not a computation folded.

@@ -11,26 +11,35 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import Pass
+from .batchnorm_to_mul_add import BatchNormToMulAddPass
 from .eliminate_noop import EliminateNoOpPass
+from .fold_batchnorm import FoldBatchNormPass
 from .fold_constants import FoldConstantsPass
+from .fuse_conv_activation import FuseConvActivationPass, UnfuseConvActivationPass
 from .remove_dead_nodes import RemoveDeadNodesPass
 
 #: name -> factory taking the keyword options of :class:`onnx_compress.options.CompressOptions`
 PASS_FACTORIES: dict[str, Callable[..., Pass]] = {
     "fold-constants": lambda opts: FoldConstantsPass(size_limit_bytes=opts.constant_fold_limit),
     "eliminate-noop": lambda opts: EliminateNoOpPass(),
+    "fold-batchnorm": lambda opts: FoldBatchNormPass(),
+    "batchnorm-to-mul-add": lambda opts: BatchNormToMulAddPass(),
     "remove-dead-nodes": lambda opts: RemoveDeadNodesPass(),
+    "fuse-conv-activation": lambda opts: FuseConvActivationPass(),
+    "unfuse-conv-activation": lambda opts: UnfuseConvActivationPass(),
 }
 
 #: the order of the default pipeline (names above); run to a fixed point
 DEFAULT_PIPELINE: list[str] = [
     "fold-constants",
     "eliminate-noop",
+    "fold-batchnorm",
+    "batchnorm-to-mul-add",
     "remove-dead-nodes",
 ]
 
 #: passes that exist but are not in the default pipeline
-OPT_IN_PASSES: list[str] = []
+OPT_IN_PASSES: list[str] = ["fuse-conv-activation", "unfuse-conv-activation"]
 
 
 def available_passes() -> list[str]:

@@ -1,0 +1,837 @@
+"""Per-op channel rules: how the channel axes of a node's inputs and outputs are coupled.
+
+Vocabulary
+----------
+A *dim* is one axis of one tensor, ``(tensor, axis)``; its *elements* are the indices
+``0 .. size-1`` along that axis. A rule *links* elements of two dims: ``link(a, ia, b, ib)`` says
+that index ``ia[k]`` of dim ``a`` and index ``ib[k]`` of dim ``b`` are the same channel, so they
+are kept or removed together. The builder (:mod:`.graph`) takes the transitive closure of all
+links (union-find); each connected set of elements is one prunable *channel*.
+
+Every rule is called as ``rule.couple(ctx, node, tensor, axis)`` whenever a dim appears on one of
+the node's inputs or outputs. It links that dim to the other dims of the node it determines, or
+raises :class:`Barrier` with a reason: the dim is then frozen (never pruned) and the report
+quotes the reason. An op type absent from :data:`RULES` is a barrier for every dim that reaches it
+(DESIGN.md convention 4: fail closed, never guess).
+
+Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
+-------------------------------------------------------------------
+* Conv, ``W [C_out, C_in/g, k...]``, ``g == 1``: ``Y[:, o] <-> W[o] <-> B[o]`` and
+  ``X[:, i] <-> W[:, i]``.
+* Conv, ``g > 1`` (grouped, depthwise): a conv group is the pruning atom. With
+  ``cpg = C_in/g`` and ``opg = C_out/g``, all of ``X[:, k*cpg : (k+1)*cpg]`` and
+  ``Y[:, k*opg : (k+1)*opg]`` (and ``W[k*opg : (k+1)*opg]``, ``B[...]``) are one channel; removing
+  it removes conv group ``k`` and rewrites ``group := g - removed``. ``W`` axis 1 is never cut.
+  For depthwise conv (``cpg == 1``) this is ``X[:, k] <-> Y[:, k*opg .. k*opg+opg-1]``.
+* ConvTranspose, ``W [C_in, C_out/g, k...]``: ``X[:, i] <-> W[i]``; ``g == 1``:
+  ``Y[:, o] <-> W[:, o] <-> B[o]``; ``g > 1``: whole groups as for Conv.
+* Gemm ``Y = A' B' + C``: contraction ``A'[:, k] <-> B'[k, :]`` (``A' = A^T`` if ``transA``,
+  ``B' = B^T`` if ``transB``, i.e. ``B`` axis ``1`` resp. ``0``); ``Y[:, n] <-> B'[:, n] <-> C[n]``
+  (``C`` broadcast on that axis is exempt).
+* MatMul with constant 2-D ``B [K, N]``: ``A[..., k] <-> B[k]``, ``Y[..., n] <-> B[:, n]``; the
+  leading axes of ``A`` map one to one onto those of ``Y``.
+* Element-wise (unary activations, Add/Sub/Mul/Div/Max/Min/Sum/Mean/Pow/Where/PRelu, ...): numpy
+  broadcasting aligned from the right; an operand of size 1 on an axis whose output size is
+  larger is broadcast there and exempt; every other operand (activations and per-channel
+  constants alike) is linked one to one. Two activations meeting in Add/Mul/... therefore union
+  their channels (residuals, squeeze-excitation gates).
+* BatchNormalization / InstanceNormalization: ``X[:, c] <-> Y[:, c] <-> scale[c], B[c]
+  (, mean[c], var[c])``; other axes one to one.
+* Pools (Max/Average/Lp, global ones): axes 0 and 1 one to one; MaxPool's ``Indices`` output
+  encodes flat positions (channel included), so a MaxPool whose second output is used is a
+  barrier.
+* Concat on axis ``a`` with input sizes ``s_0, s_1, ...``: ``X_j[.., i] <-> Y[.., o_j + i]``,
+  ``o_j = s_0 + ... + s_{j-1}``; other axes one to one across all inputs.
+* Split on axis ``a`` (sizes ``s_j``): ``X[.., o_j + i] <-> Y_j[.., i]``; after pruning
+  ``split := [kept in Y_0, kept in Y_1, ...]``.
+* Slice with constant ``starts/ends/axes/steps`` (step 1 on a cut axis): ``Y[.., i] <->
+  X[.., start + i]``; after pruning ``start := #kept(X[:start])``,
+  ``end := start' + #kept(X[start:end])``.
+* Flatten(axis=f) with static ``X [d_0, ..., d_{r-1}]``: ``Y[:, c * P + s] <-> X[:, c]`` for
+  ``a == f``, ``P = d_{f+1} * ... * d_{r-1}``, all ``s < P`` (so ``Linear(C*H*W)`` after
+  ``Flatten`` loses whole ``H*W`` blocks of columns); axis 0 one to one when ``f == 1``.
+* Transpose: input axis ``perm[j]`` <-> output axis ``j``. Squeeze/Unsqueeze: the axes that stay.
+* Reduce* (keepdims or not), Softmax/LogSoftmax (opset >= 13), Resize (scale 1 or constant sizes
+  on the axis), Pad (zero pads on the axis): one to one on axes they do not reduce / normalise /
+  resample / pad, a barrier on the others. Resize with ``sizes`` rewrites the size after pruning.
+
+Weights and per-channel parameters need not be constants: the coupling holds whatever produces
+them (torch's legacy exporter reads BatchNormalization statistics through ``Identity``), and the
+producer's own rule must then carry the cut (or freeze the group). Only MatMul requires a
+constant 2-D right operand, which is what tells a Linear layer from an attention product.
+
+Everything else (Reshape, DepthToSpace, LayerNormalization, Gather, attention MatMuls, dynamic
+shapes, graph inputs and outputs) is a barrier until a rule is written for it.
+
+Each rule may also implement ``apply(actx, node)``, called after a plan is chosen and before
+weights are sliced, to rewrite what depends on channel counts (``group``, ``split`` sizes, Slice
+``starts``/``ends``, Resize ``sizes``). ``actx.kept(tensor, axis)`` gives the boolean keep mask of
+a dim (None when nothing on it is removed).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..ir.graph import constant_value, static_shape
+
+#: ``role`` of a constant member; tells importance which members are weights and the masked
+#: reference (:func:`.apply.apply_mask`) what value makes a removed channel inert.
+WEIGHT = "weight"
+BIAS = "bias"
+SCALE = "scale"
+SHIFT = "shift"
+MEAN = "mean"
+VARIANCE = "variance"
+SLOPE = "slope"
+OPERAND = "operand"
+DIVISOR = "divisor"
+EXPONENT = "exponent"
+
+#: value a removed channel's slice of a constant with this role gets in the masked reference
+MASK_FILL = {VARIANCE: 1.0, DIVISOR: 1.0, EXPONENT: 1.0}
+
+#: roles whose magnitude measures importance
+IMPORTANCE_ROLES = (WEIGHT, SCALE)
+
+
+class Barrier(Exception):
+    """Raised by a rule that cannot prove how a dim maps through a node."""
+
+
+class CouplingContext(Protocol):
+    """What a rule sees while the dependency graph is built (implemented in :mod:`.graph`)."""
+
+    opset: int
+
+    def dim(self, tensor: gs.Tensor, axis: int, role: str = OPERAND) -> int: ...
+
+    def size(self, dim: int) -> int: ...
+
+    def link(self, a: int, ia: np.ndarray | None, b: int, ib: np.ndarray | None) -> None: ...
+
+    def axis_size(self, tensor: gs.Tensor, axis: int) -> int | None: ...
+
+    def is_used(self, tensor: gs.Tensor) -> bool: ...
+
+
+class ApplyContext(Protocol):
+    """What a rule sees while a plan is applied (implemented in :mod:`.apply`)."""
+
+    opset: int
+
+    def kept(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None: ...
+
+    def set_input_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Make input ``index`` of ``node`` a constant holding ``values`` (appended if absent)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def tensor_rank(tensor: gs.Tensor) -> int:
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.ndim
+    value = constant_value(tensor)
+    if value is not None:
+        return value.ndim
+    if tensor.shape is None:
+        raise Barrier(f"rank of '{tensor.name}' unknown")
+    return len(tensor.shape)
+
+
+def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise Barrier(f"{what} {axis} out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
+def _present(node: gs.Node, i: int) -> gs.Tensor | None:
+    if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name != "":
+        return node.inputs[i]
+    return None
+
+
+def const_input(node: gs.Node, i: int, what: str) -> np.ndarray | None:
+    """Value of optional input ``i`` (None if absent); Barrier if present but not constant."""
+    tensor = _present(node, i)
+    if tensor is None:
+        return None
+    value = constant_value(tensor)
+    if value is None:
+        raise Barrier(f"{what} '{tensor.name}' is not a constant")
+    return value
+
+
+def input_index(node: gs.Node, tensor: gs.Tensor) -> int | None:
+    for i, t in enumerate(node.inputs):
+        if t is tensor:
+            return i
+    return None
+
+
+def output_index(node: gs.Node, tensor: gs.Tensor) -> int | None:
+    for i, t in enumerate(node.outputs):
+        if t is tensor:
+            return i
+    return None
+
+
+def _axes_value(node: gs.Node, opset: int, input_from: int, attr_before: int = 13) -> list[int] | None:
+    """``axes`` of Squeeze/Unsqueeze/Reduce*: an attribute before ``attr_before``, else input 1."""
+    if opset < attr_before or "axes" in node.attrs:
+        axes = node.attrs.get("axes")
+        return None if axes is None else [int(a) for a in axes]
+    value = const_input(node, input_from, "axes")
+    return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# rule classes
+
+
+class ChannelRule(abc.ABC):
+    """Base class: ``couple`` links dims; ``apply`` rewrites attributes after a plan is chosen."""
+
+    #: True when the rule anchors groups by itself (weights with out/in channels)
+    seeds = False
+
+    @abc.abstractmethod
+    def couple(self, ctx: CouplingContext, node: gs.Node, tensor: gs.Tensor, axis: int) -> None:
+        """Link ``(tensor, axis)`` to the dims of ``node`` it determines, or raise Barrier."""
+
+    def seed(self, node: gs.Node) -> list[tuple[gs.Tensor, int]]:
+        """Dims a source op starts groups from (output channels, input channels)."""
+        return []
+
+    def apply(self, actx: ApplyContext, node: gs.Node) -> None:
+        """Rewrite attributes / shape constants for the new channel counts (default: nothing)."""
+        return None
+
+
+class ConstantRule(ChannelRule):
+    """``Constant`` node: its value is a weight, sliced with the dims it belongs to."""
+
+    def couple(self, ctx, node, tensor, axis):
+        return None
+
+
+class ElementwiseRule(ChannelRule):
+    """Unary ops and broadcasting n-ary ops (see the module docstring)."""
+
+    def __init__(self, roles: dict[int, str] | None = None, outputs: int | None = None):
+        #: role of a constant operand by input position (default OPERAND)
+        self.roles = roles or {}
+        #: how many outputs take part (Dropout's mask too); None = all
+        self.outputs = outputs
+
+    def couple(self, ctx, node, tensor, axis):
+        outs = [o for o in node.outputs[: self.outputs] if o is not None]
+        if not outs:
+            raise Barrier("node has no outputs")
+        ref = outs[0]
+        out_rank = tensor_rank(ref)
+        k = tensor_rank(tensor) - axis  # position counted from the right
+        out_axis = out_rank - k
+        if out_axis < 0:
+            raise Barrier("axis beyond the output rank")
+        out_size = ctx.axis_size(ref, out_axis)
+        if out_size is None:
+            raise Barrier(f"size of '{ref.name}' axis {out_axis} unknown")
+        here = ctx.dim(tensor, axis)
+        if ctx.size(here) != out_size:
+            raise Barrier(f"'{tensor.name}' is broadcast along axis {axis}")
+        participants: list[tuple[gs.Tensor, str]] = []
+        for i, inp in enumerate(node.inputs):
+            if inp is None or inp.name == "":
+                continue
+            participants.append((inp, self.roles.get(i, OPERAND)))
+        participants.extend((o, OPERAND) for o in outs)
+        for other, role in participants:
+            if other is tensor:
+                continue
+            a = tensor_rank(other) - k
+            if a < 0:
+                continue  # missing leading axis: broadcast
+            size = ctx.axis_size(other, a)
+            if size is None:
+                raise Barrier(f"size of '{other.name}' axis {a} unknown")
+            if size == 1 and out_size != 1:
+                continue  # broadcast along this axis: exempt
+            ctx.link(here, None, ctx.dim(other, a, role), None)
+
+
+class NormalizationRule(ChannelRule):
+    """BatchNormalization / InstanceNormalization: per-channel constants on axis 1."""
+
+    def __init__(self, roles: tuple[str, ...]):
+        self.roles = roles  # roles of inputs 1..n
+
+    def couple(self, ctx, node, tensor, axis):
+        if len([o for o in node.outputs if o is not None and o.name]) > 1:
+            raise Barrier("training-mode outputs")
+        x, y = node.inputs[0], node.outputs[0]
+        i = input_index(node, tensor)
+        if i is not None and i > 0:
+            if axis != 0:
+                raise Barrier("parameter axis is not 0")
+            axis = 1
+            tensor = x
+        here = ctx.dim(tensor, axis)
+        other = y if tensor is x else x
+        ctx.link(here, None, ctx.dim(other, axis), None)
+        if axis != 1:
+            return
+        for j, role in enumerate(self.roles, start=1):
+            param = _present(node, j)
+            if param is None:
+                continue
+            if tensor_rank(param) != 1:
+                raise Barrier(f"parameter '{param.name}' is not 1-D")
+            ctx.link(here, None, ctx.dim(param, 0, role), None)
+
+
+def _group_blocks(n: int, groups: int) -> np.ndarray:
+    """Index -> conv group for an axis of ``n`` split into ``groups`` equal blocks."""
+    return np.repeat(np.arange(groups), n // groups)
+
+
+class ConvRule(ChannelRule):
+    """Conv and ConvTranspose (``transpose=True``); see the module docstring."""
+
+    seeds = True
+
+    def __init__(self, transpose: bool = False):
+        self.transpose = transpose
+        # weight axis carrying input channels / output channels
+        self.w_in, self.w_out = (0, 1) if transpose else (1, 0)
+
+    def seed(self, node):
+        return [(node.outputs[0], 1), (node.inputs[0], 1)]
+
+    def couple(self, ctx, node, tensor, axis):
+        x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        b = _present(node, 2)
+        g = int(node.attrs.get("group", 1))
+        # bring the incoming dim to X axis 1 or Y axis 1
+        if b is not None and tensor is b:
+            if axis != 0:
+                raise Barrier("bias axis is not 0")
+            tensor, axis = y, 1
+        elif tensor is w:
+            inner = self.w_out if self.transpose else self.w_in  # the C/g axis of W
+            if axis not in (0, 1):
+                raise Barrier(f"weight axis {axis} is a kernel axis")
+            if g > 1 and axis == inner:
+                raise Barrier("weight axis inside a conv group (group > 1)")
+            tensor, axis = (x if axis == self.w_in else y), 1
+        if tensor is not x and tensor is not y:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        if axis != 1:
+            raise Barrier(f"axis {axis} of '{tensor.name}' is not the channel axis")
+        c_in, c_out = ctx.axis_size(x, 1), ctx.axis_size(y, 1)
+        if c_in is None or c_out is None:
+            raise Barrier("channel counts unknown")
+        dx, dy = ctx.dim(x, 1), ctx.dim(y, 1)
+        # input channels: W axis w_in (full C_in only for ConvTranspose or group 1)
+        if self.transpose or g == 1:
+            ctx.link(dx, None, ctx.dim(w, self.w_in, WEIGHT), None)
+        # output channels: W axis w_out (full C_out only for Conv or group 1)
+        if not self.transpose or g == 1:
+            ctx.link(dy, None, ctx.dim(w, self.w_out, WEIGHT), None)
+        if b is not None:
+            ctx.link(dy, None, ctx.dim(b, 0, BIAS), None)
+        if g > 1:
+            if c_in % g or c_out % g:
+                raise Barrier(f"channels {c_in}/{c_out} not divisible by group {g}")
+            # a whole conv group is one channel: link every index of group k to its first input
+            gx, gy = _group_blocks(c_in, g), _group_blocks(c_out, g)
+            first_x = np.arange(g) * (c_in // g)
+            ctx.link(dx, np.arange(c_in), dx, first_x[gx])
+            ctx.link(dy, np.arange(c_out), dx, first_x[gy])
+
+    def apply(self, actx, node):
+        g = int(node.attrs.get("group", 1))
+        if g == 1:
+            return
+        keep = actx.kept(node.outputs[0], 1)
+        if keep is None:
+            return
+        per_group = keep.size // g
+        node.attrs["group"] = int(keep.sum()) // per_group
+
+
+class GemmRule(ChannelRule):
+    seeds = True
+
+    def seed(self, node):
+        a_axis = 0 if node.attrs.get("transA", 0) else 1
+        return [(node.outputs[0], 1), (node.inputs[0], a_axis)]
+
+    def couple(self, ctx, node, tensor, axis):
+        a, bt, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        c = _present(node, 2)
+        trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+        a_k = 0 if trans_a else 1
+        b_k, b_n = (1, 0) if trans_b else (0, 1)
+        if tensor is bt:
+            tensor, axis = (a, a_k) if axis == b_k else (y, 1)
+        elif c is not None and tensor is c:
+            if axis != tensor_rank(c) - 1:
+                raise Barrier("C axis is not the output-feature axis")
+            tensor, axis = y, 1
+        if tensor is a and axis == a_k:
+            ctx.link(ctx.dim(a, a_k), None, ctx.dim(bt, b_k, WEIGHT), None)
+            return
+        if tensor is y and axis == 1:
+            dy = ctx.dim(y, 1)
+            ctx.link(dy, None, ctx.dim(bt, b_n, WEIGHT), None)
+            if c is not None:
+                cr = tensor_rank(c)
+                if cr >= 1 and ctx.axis_size(c, cr - 1) == ctx.size(dy):
+                    ctx.link(dy, None, ctx.dim(c, cr - 1, BIAS), None)
+                elif cr >= 1 and ctx.axis_size(c, cr - 1) != 1:
+                    raise Barrier("C does not broadcast over output features")
+            return
+        raise Barrier(f"axis {axis} of '{tensor.name}' is a batch axis")
+
+
+class MatMulRule(ChannelRule):
+    """MatMul with a constant 2-D right operand (a Linear layer)."""
+
+    seeds = True
+
+    def seed(self, node):
+        b = node.inputs[1]
+        value = constant_value(b)
+        if value is None or value.ndim != 2 or constant_value(node.inputs[0]) is not None:
+            return []
+        if node.inputs[0].shape is None:
+            return []
+        return [(node.outputs[0], -1), (node.inputs[0], -1)]
+
+    def couple(self, ctx, node, tensor, axis):
+        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        bv = constant_value(b)
+        if bv is None or bv.ndim != 2:
+            raise Barrier("right operand is not a constant matrix")
+        if constant_value(a) is not None:
+            raise Barrier("left operand is a constant")
+        ra = tensor_rank(a)
+        if ra < 2:
+            raise Barrier("left operand is 1-D")
+        if tensor is b:
+            tensor, axis = (a, ra - 1) if axis == 0 else (y, ra - 1)
+        if tensor is a and axis == ra - 1:
+            ctx.link(ctx.dim(a, axis), None, ctx.dim(b, 0, WEIGHT), None)
+        elif tensor is y and axis == ra - 1:
+            ctx.link(ctx.dim(y, axis), None, ctx.dim(b, 1, WEIGHT), None)
+        elif tensor is a or tensor is y:
+            other = y if tensor is a else a
+            ctx.link(ctx.dim(tensor, axis), None, ctx.dim(other, axis), None)
+        else:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+
+
+class PoolRule(ChannelRule):
+    """Max/Average/Lp pools and their global forms: axes 0 and 1 one to one."""
+
+    def couple(self, ctx, node, tensor, axis):
+        if len(node.outputs) > 1 and node.outputs[1] is not None and ctx.is_used(node.outputs[1]):
+            raise Barrier("Indices output is used (it encodes channel positions)")
+        if axis > 1:
+            raise Barrier(f"spatial axis {axis}")
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+
+
+class ConcatRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        y = node.outputs[0]
+        r = tensor_rank(y)
+        cat = norm_axis(int(node.attrs["axis"]), r)
+        inputs = [t for t in node.inputs]
+        if axis != cat:
+            here = ctx.dim(tensor, axis)
+            for t in inputs + [y]:
+                if t is not tensor:
+                    ctx.link(here, None, ctx.dim(t, axis), None)
+            return
+        sizes = [ctx.axis_size(t, cat) for t in inputs]
+        if any(s is None for s in sizes):
+            raise Barrier("input sizes on the concat axis unknown")
+        dy = ctx.dim(y, cat)
+        offset = 0
+        for t, s in zip(inputs, sizes):
+            if s:
+                ctx.link(ctx.dim(t, cat), None, dy, np.arange(offset, offset + s))
+            offset += s
+
+
+def _split_sizes(ctx, node, axis_size: int) -> list[int]:
+    n_out = len(node.outputs)
+    if ctx.opset >= 13:
+        split = const_input(node, 1, "split")
+    else:
+        split = node.attrs.get("split")
+    if split is not None:
+        sizes = [int(s) for s in np.asarray(split).reshape(-1)]
+    else:
+        if n_out == 0:
+            raise Barrier("Split without outputs")
+        chunk = -(-axis_size // n_out)  # ceil, opset 18 semantics; equal when divisible
+        sizes = [min(chunk, axis_size - i * chunk) for i in range(n_out)]
+    if sum(sizes) != axis_size or len(sizes) != n_out:
+        raise Barrier("split sizes do not match the input")
+    return sizes
+
+
+class SplitRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x = node.inputs[0]
+        r = tensor_rank(x)
+        split_axis = norm_axis(int(node.attrs.get("axis", 0)), r)
+        if input_index(node, tensor) not in (None, 0):
+            raise Barrier("split sizes input is not a channel tensor")
+        if axis != split_axis:
+            here = ctx.dim(tensor, axis)
+            for t in [x] + list(node.outputs):
+                if t is not tensor:
+                    ctx.link(here, None, ctx.dim(t, axis), None)
+            return
+        size = ctx.axis_size(x, split_axis)
+        if size is None:
+            raise Barrier("size of the split axis unknown")
+        sizes = _split_sizes(ctx, node, size)
+        dx = ctx.dim(x, split_axis)
+        offset = 0
+        for out, s in zip(node.outputs, sizes):
+            if s:
+                ctx.link(dx, np.arange(offset, offset + s), ctx.dim(out, split_axis), None)
+            offset += s
+
+    def apply(self, actx, node):
+        x = node.inputs[0]
+        split_axis = norm_axis(int(node.attrs.get("axis", 0)), tensor_rank(x))
+        keep = actx.kept(x, split_axis)
+        if keep is None:
+            return
+        sizes = _split_sizes(actx, node, keep.size)
+        new, offset = [], 0
+        for s in sizes:
+            new.append(int(keep[offset : offset + s].sum()))
+            offset += s
+        node.attrs.pop("num_outputs", None)
+        if actx.opset >= 13:
+            actx.set_input_constant(node, 1, np.asarray(new, dtype=np.int64))
+        else:
+            node.attrs["split"] = new
+
+
+def _slice_params(ctx, node, rank: int):
+    """(starts, ends, axes, steps) as lists; opset >= 10 inputs, else attributes."""
+    if ctx.opset >= 10:
+        starts = const_input(node, 1, "starts")
+        ends = const_input(node, 2, "ends")
+        axes = const_input(node, 3, "axes")
+        steps = const_input(node, 4, "steps")
+    else:
+        starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        axes, steps = node.attrs.get("axes"), None
+    starts = [int(v) for v in np.asarray(starts).reshape(-1)]
+    ends = [int(v) for v in np.asarray(ends).reshape(-1)]
+    axes = list(range(len(starts))) if axes is None else [norm_axis(int(v), rank) for v in np.asarray(axes).reshape(-1)]
+    steps = [1] * len(starts) if steps is None else [int(v) for v in np.asarray(steps).reshape(-1)]
+    return starts, ends, axes, steps
+
+
+def _clamp(v: int, n: int) -> int:
+    if v < 0:
+        v += n
+    return max(0, min(n, v))
+
+
+class SliceRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("starts/ends/axes/steps are not channel tensors")
+        starts, ends, axes, steps = _slice_params(ctx, node, tensor_rank(x))
+        if axis not in axes:
+            ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+            return
+        j = axes.index(axis)
+        if steps[j] != 1:
+            raise Barrier(f"step {steps[j]} on the channel axis")
+        n = ctx.axis_size(x, axis)
+        if n is None:
+            raise Barrier("size of the sliced axis unknown")
+        s, e = _clamp(starts[j], n), _clamp(ends[j], n)
+        if e > s:
+            ctx.link(ctx.dim(x, axis), np.arange(s, e), ctx.dim(y, axis), None)
+
+    def apply(self, actx, node):
+        x = node.inputs[0]
+        starts, ends, axes, steps = _slice_params(actx, node, tensor_rank(x))
+        changed = False
+        for j, axis in enumerate(axes):
+            keep = actx.kept(x, axis)
+            if keep is None:
+                continue
+            n = keep.size
+            s, e = _clamp(starts[j], n), _clamp(ends[j], n)
+            new_s = int(keep[:s].sum())
+            starts[j], ends[j] = new_s, new_s + int(keep[s:e].sum())
+            changed = True
+        if not changed:
+            return
+        if actx.opset >= 10:
+            dtype = constant_value(node.inputs[1]).dtype
+            actx.set_input_constant(node, 1, np.asarray(starts, dtype=dtype))
+            actx.set_input_constant(node, 2, np.asarray(ends, dtype=dtype))
+        else:
+            node.attrs["starts"], node.attrs["ends"] = starts, ends
+
+
+class FlattenRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        r = tensor_rank(x)
+        f = norm_axis(int(node.attrs.get("axis", 1)), r + 1)
+        if f == 0 or f == r:
+            raise Barrier(f"Flatten axis {f} moves every axis into one")
+        if tensor is x:
+            if axis < f:
+                if f != 1:
+                    raise Barrier(f"axis {axis} is merged with others")
+                ctx.link(ctx.dim(x, 0), None, ctx.dim(y, 0), None)
+                return
+            if axis != f:
+                raise Barrier(f"axis {axis} is flattened inside axis {f}")
+        elif axis == 0:
+            if f != 1:
+                raise Barrier("axis 0 merges several input axes")
+            ctx.link(ctx.dim(x, 0), None, ctx.dim(y, 0), None)
+            return
+        shape = static_shape(x)
+        if shape is None:
+            raise Barrier(f"shape of '{x.name}' is not static")
+        inner = int(np.prod(shape[f + 1 :], dtype=np.int64))
+        c = shape[f]
+        features = c * inner
+        ctx.link(ctx.dim(y, 1), np.arange(features), ctx.dim(x, f), np.arange(features) // inner)
+
+
+class TransposeRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        r = tensor_rank(x)
+        perm = [int(p) for p in node.attrs.get("perm", list(range(r - 1, -1, -1)))]
+        if tensor is x:
+            ctx.link(ctx.dim(x, axis), None, ctx.dim(y, perm.index(axis)), None)
+        else:
+            ctx.link(ctx.dim(y, axis), None, ctx.dim(x, perm[axis]), None)
+
+
+class SqueezeRule(ChannelRule):
+    """Squeeze (``unsqueeze=False``) and Unsqueeze: axes that are neither removed nor inserted."""
+
+    def __init__(self, unsqueeze: bool):
+        self.unsqueeze = unsqueeze
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("axes input is not a channel tensor")
+        rx, ry = tensor_rank(x), tensor_rank(y)
+        axes = _axes_value(node, ctx.opset, 1)
+        if self.unsqueeze:
+            if axes is None:
+                raise Barrier("Unsqueeze without axes")
+            special = {norm_axis(a, ry) for a in axes}
+            kept = [a for a in range(ry) if a not in special]  # output axes, in input order
+            pairs = dict(zip(range(rx), kept))
+        else:
+            if axes is None:
+                shape = static_shape(x)
+                if shape is None:
+                    raise Barrier("Squeeze without axes on a dynamic shape")
+                special = {a for a, d in enumerate(shape) if d == 1}
+            else:
+                special = {norm_axis(a, rx) for a in axes}
+            kept = [a for a in range(rx) if a not in special]  # input axes, in output order
+            pairs = dict(zip(kept, range(ry)))
+        if tensor is x:
+            if axis not in pairs:
+                raise Barrier(f"axis {axis} is squeezed")
+            ctx.link(ctx.dim(x, axis), None, ctx.dim(y, pairs[axis]), None)
+        else:
+            inverse = {v: k for k, v in pairs.items()}
+            if axis not in inverse:
+                raise Barrier(f"axis {axis} is inserted")
+            ctx.link(ctx.dim(y, axis), None, ctx.dim(x, inverse[axis]), None)
+
+
+class ReduceRule(ChannelRule):
+    """Reduce*: one to one on axes that are not reduced (``axes`` attribute before opset 18)."""
+
+    def __init__(self, axes_input_opset: int = 18):
+        self.axes_input_opset = axes_input_opset
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("axes input is not a channel tensor")
+        rx = tensor_rank(x)
+        axes = _axes_value(node, ctx.opset, 1, self.axes_input_opset)
+        if not axes:
+            if int(node.attrs.get("noop_with_empty_axes", 0)):
+                ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+                return
+            raise Barrier("reduces every axis")
+        reduced = {norm_axis(a, rx) for a in axes}
+        keepdims = int(node.attrs.get("keepdims", 1))
+        rest = [a for a in range(rx) if a not in reduced]
+        pairs = {a: (a if keepdims else i) for i, a in enumerate(rest)}
+        if tensor is x:
+            if axis in reduced:
+                raise Barrier(f"axis {axis} is reduced")
+            ctx.link(ctx.dim(x, axis), None, ctx.dim(y, pairs[axis]), None)
+        else:
+            inverse = {v: k for k, v in pairs.items()}
+            if axis not in inverse:
+                raise Barrier(f"axis {axis} is reduced")
+            ctx.link(ctx.dim(y, axis), None, ctx.dim(x, inverse[axis]), None)
+
+
+class SoftmaxRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        r = tensor_rank(x)
+        sm = norm_axis(int(node.attrs.get("axis", -1 if ctx.opset >= 13 else 1)), r)
+        if ctx.opset >= 13 and axis == sm:
+            raise Barrier(f"normalised axis {axis}")
+        if ctx.opset < 13 and axis >= sm:
+            raise Barrier(f"axis {axis} is normalised (opset < 13 coerces to 2-D)")
+        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+
+
+class ResizeRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("roi/scales/sizes are not channel tensors")
+        if ctx.opset < 11:
+            raise Barrier("Resize before opset 11")
+        if node.attrs.get("axes") is not None:
+            raise Barrier("Resize with axes attribute")
+        scales = const_input(node, 2, "scales")
+        sizes = const_input(node, 3, "sizes")
+        if scales is not None and scales.size:
+            if float(scales.reshape(-1)[axis]) != 1.0:
+                raise Barrier(f"axis {axis} is resampled")
+        elif sizes is not None and sizes.size:
+            n = ctx.axis_size(x, axis)
+            if n is None or int(sizes.reshape(-1)[axis]) != n:
+                raise Barrier(f"axis {axis} is resampled")
+        else:
+            raise Barrier("neither scales nor sizes is given")
+        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+
+    def apply(self, actx, node):
+        sizes = _present(node, 3)
+        value = constant_value(sizes) if sizes is not None else None
+        if value is None or not value.size:
+            return
+        new = np.array(value, copy=True).reshape(-1)
+        changed = False
+        for a in range(new.size):
+            keep = actx.kept(node.inputs[0], a)
+            if keep is not None:
+                new[a] = int(keep.sum())
+                changed = True
+        if changed:
+            actx.set_input_constant(node, 3, new.astype(value.dtype))
+
+
+class PadRule(ChannelRule):
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("pads/value are not channel tensors")
+        r = tensor_rank(x)
+        if ctx.opset >= 11:
+            pads = const_input(node, 1, "pads")
+            axes = const_input(node, 3, "axes")
+        else:
+            pads, axes = np.asarray(node.attrs.get("pads", [])), None
+        pads = np.asarray(pads).reshape(-1)
+        axes = list(range(r)) if axes is None else [norm_axis(int(a), r) for a in axes.reshape(-1)]
+        if axis in axes:
+            j, n = axes.index(axis), len(axes)
+            if int(pads[j]) != 0 or int(pads[j + n]) != 0:
+                raise Barrier(f"axis {axis} is padded")
+        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+_UNARY = (
+    "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Gelu", "Mish", "Erf", "Neg", "Abs",
+    "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast",
+    "Sin", "Cos", "Not", "IsNaN", "IsInf",
+)
+
+
+def _build_rules() -> dict[str, ChannelRule]:
+    rules: dict[str, ChannelRule] = {}
+    unary = ElementwiseRule()
+    for op in _UNARY:
+        rules[op] = unary
+    rules["Dropout"] = ElementwiseRule(outputs=None)
+    for op in ("Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal", "Less",
+               "Greater", "LessOrEqual", "GreaterOrEqual"):
+        rules[op] = ElementwiseRule()
+    rules["Sub"] = ElementwiseRule()
+    rules["Div"] = ElementwiseRule(roles={1: DIVISOR})
+    rules["Pow"] = ElementwiseRule(roles={1: EXPONENT})
+    rules["Where"] = ElementwiseRule()
+    rules["PRelu"] = ElementwiseRule(roles={1: SLOPE})
+    rules["BatchNormalization"] = NormalizationRule((SCALE, SHIFT, MEAN, VARIANCE))
+    rules["InstanceNormalization"] = NormalizationRule((SCALE, SHIFT))
+    rules["Conv"] = ConvRule()
+    rules["ConvTranspose"] = ConvRule(transpose=True)
+    rules["Gemm"] = GemmRule()
+    rules["MatMul"] = MatMulRule()
+    pool = PoolRule()
+    for op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        rules[op] = pool
+    rules["Concat"] = ConcatRule()
+    rules["Split"] = SplitRule()
+    rules["Slice"] = SliceRule()
+    rules["Flatten"] = FlattenRule()
+    rules["Transpose"] = TransposeRule()
+    rules["Squeeze"] = SqueezeRule(unsqueeze=False)
+    rules["Unsqueeze"] = SqueezeRule(unsqueeze=True)
+    for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+               "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"):
+        rules[op] = ReduceRule(axes_input_opset=13 if op == "ReduceSum" else 18)
+    rules["Softmax"] = SoftmaxRule()
+    rules["LogSoftmax"] = SoftmaxRule()
+    rules["Resize"] = ResizeRule()
+    rules["Pad"] = PadRule()
+    rules["Constant"] = ConstantRule()
+    return rules
+
+
+#: op type -> rule (standard ONNX domain only). Built once; not mutated by the library.
+RULES: dict[str, ChannelRule] = _build_rules()
