@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -162,17 +163,19 @@ def export_resnet(
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.onnx.export(
-            model,
-            (dummy,),
-            tmp,
-            dynamo=False,
-            opset_version=OPSET,
-            do_constant_folding=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter says it is legacy
+            torch.onnx.export(
+                model,
+                (dummy,),
+                tmp,
+                dynamo=False,
+                opset_version=OPSET,
+                do_constant_folding=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

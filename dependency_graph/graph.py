@@ -279,7 +279,7 @@ class DependencyGraph:
     def _build(self) -> None:
         for node in self.graph.nodes:
             rule = RULES.get(node.op) if node.domain in (None, "", "ai.onnx") else None
-            if rule is None or not rule.seeds or _matches(node, self.ignore) is not None:
+            if rule is None or not rule.seeds:
                 continue
             for tensor, axis in rule.seed(node):
                 try:
@@ -312,8 +312,11 @@ class DependencyGraph:
         roots_all, dims_all = roots_all[order], dims_all[order]
         cuts = np.flatnonzero(np.diff(roots_all)) + 1
         signatures: dict[tuple[int, ...], list[int]] = {}
-        for roots, dims in zip(np.split(roots_all, cuts), np.split(dims_all, cuts)):
-            signatures.setdefault(tuple(dims.tolist()), []).append(int(roots[0]))
+        starts = [0] + cuts.tolist()
+        ends = cuts.tolist() + [int(roots_all.size)]
+        dims_list = dims_all.tolist()
+        for lo, hi, root in zip(starts, ends, roots_all[starts].tolist()):
+            signatures.setdefault(tuple(dims_list[lo:hi]), []).append(root)
         # deterministic order: by the smallest element of each group
         ordered = sorted(signatures.items(), key=lambda kv: min(kv[1]))
         for gid, (dim_ids, roots) in enumerate(ordered):

@@ -26,6 +26,8 @@ from onnx import helper
 
 #: name of the Python attribute on gs.Node that carries ``doc_string`` / ``metadata_props``.
 NODE_EXTRAS = "onnx_compress_extras"
+#: the domain of the model-local functions onnx-compress writes (fused Conv+activation)
+OWN_DOMAIN = "onnx_compress.fused"
 
 
 @dataclass
@@ -113,7 +115,10 @@ def to_model(graph: gs.Graph, *, like: onnx.ModelProto | None = None) -> onnx.Mo
     exported_opsets = {entry.domain: entry.version for entry in model.opset_import}
     del model.opset_import[:]
     seen = set()
+    used = _used_domains(model)
     for entry in like.opset_import:
+        if entry.domain == OWN_DOMAIN and OWN_DOMAIN not in used:
+            continue  # our own fused-op domain, no longer used (e.g. after unfusing)
         model.opset_import.append(helper.make_opsetid(entry.domain, entry.version))
         seen.add(entry.domain)
     for domain in sorted(_used_domains(model) - seen - {"ai.onnx"}):
@@ -208,14 +213,11 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name not used anywhere in ``graph``."""
     # the names graph.tensors() would give, without building its checked OrderedDict (10x faster;
     # passes call this once per new tensor, and on ResNet-50 the map cost 2 ms a call)
-    taken = {n.name for n in graph.nodes}
-    for tensor in itertools.chain(graph.inputs, graph.outputs):
-        taken.add(tensor.name)
+    taken = {tensor.name for tensor in itertools.chain(graph.inputs, graph.outputs)}
     for node in graph.nodes:
-        for tensor in itertools.chain(node.inputs, node.outputs):
-            taken.add(tensor.name)
-    if not any(t.is_empty() for t in ()):  # empty tensors are no names (graph.tensors() omits them)
-        pass
+        taken.update(tensor.name for tensor in itertools.chain(node.inputs, node.outputs))
+    taken.discard("")  # empty (omitted optional) tensors have no name; graph.tensors() skips them
+    taken.update(n.name for n in graph.nodes)
     if base not in taken:
         return base
     for i in itertools.count(1):

@@ -106,15 +106,20 @@ _FLOAT_BYTES = {
 
 
 def _copy_fields(source, target, skip: str) -> None:
-    for fd, value in source.ListFields():
+    """Copy every set field but ``skip`` (never read: ListFields would copy a raw_data payload)."""
+    for fd in source.DESCRIPTOR.fields:
         if fd.name == skip:
             continue
         if fd.is_repeated:
-            getattr(target, fd.name).extend(value)
+            value = getattr(source, fd.name)
+            if len(value):
+                getattr(target, fd.name).extend(value)
+        elif fd.has_presence and not source.HasField(fd.name):
+            continue
         elif fd.message_type is not None:
-            getattr(target, fd.name).CopyFrom(value)
+            getattr(target, fd.name).CopyFrom(getattr(source, fd.name))
         else:
-            setattr(target, fd.name, value)
+            setattr(target, fd.name, getattr(source, fd.name))
 
 
 def stripped_initializers(model: onnx.ModelProto) -> list[int]:

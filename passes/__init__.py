@@ -3,6 +3,7 @@
 from .base import Match, Pass, PassManager, PassResult, RewriteRule, RewriteRulePass
 from .batchnorm_to_mul_add import BatchNormToMulAddPass
 from .eliminate_noop import EliminateNoOpPass
+from .fold_affine_into_conv import FoldAffineIntoConvPass
 from .fold_batchnorm import FoldBatchNormPass
 from .fold_constants import FoldConstantsPass
 from .fuse_conv_activation import FuseConvActivationPass, UnfuseConvActivationPass

@@ -63,31 +63,17 @@ from ..ir.graph import (
     copy_extras,
     is_graph_input,
     is_graph_output,
-    make_constant,
     producer,
     rank,
     unique_name,
 )
+from ._weights import _STANDARD_DOMAINS, FOLDABLE_LINEAR_OPS, fold_scale_shift, is_standard, new_weight, present
 from .base import Match, RewriteRule, RewriteRulePass
 
 logger = logging.getLogger(__name__)
 
-_STANDARD_DOMAINS = (None, "", "ai.onnx")
-_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def is_standard(node: gs.Node, op: str) -> bool:
-    return node.op == op and node.domain in _STANDARD_DOMAINS
-
-
-def _present(node: gs.Node, index: int) -> gs.Tensor | None:
-    """Input ``index`` of ``node``, or None when absent (missing or empty name)."""
-    if len(node.inputs) <= index:
-        return None
-    tensor = node.inputs[index]
-    if isinstance(tensor, gs.Variable) and not tensor.name:
-        return None
-    return tensor
+_FOLDABLE = FOLDABLE_LINEAR_OPS
+_present = present
 
 
 def batchnorm_decline_reason(graph: gs.Graph, bn: gs.Node) -> str | None:
@@ -130,28 +116,6 @@ def batchnorm_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
     return s, t
 
 
-def new_weight(graph: gs.Graph, base: str, values: np.ndarray, like: gs.Tensor | None) -> gs.Tensor:
-    """A new constant holding ``values``, in the same form as ``like``.
-
-    An initializer (``gs.Constant``) normally; the output of a new ``Constant`` node when ``like``
-    is itself a Constant node's output (models whose weights live in Constant nodes keep that form).
-    """
-    values = np.ascontiguousarray(values)
-    src = producer(like) if like is not None and not isinstance(like, gs.Constant) else None
-    if src is None:
-        return make_constant(graph, base, values)
-    out_name = unique_name(graph, base)
-    out = gs.Variable(out_name, dtype=values.dtype, shape=list(values.shape))
-    node = gs.Node(
-        op="Constant",
-        name=unique_name(graph, f"{out_name}/Constant"),
-        attrs={"value": gs.Constant(f"{out_name}/value", values)},
-        outputs=[out],
-    )
-    graph.nodes.append(node)
-    return out
-
-
 class _FoldBatchNormRule(RewriteRule):
     def match(self, graph, node):
         if not is_standard(node, "BatchNormalization") or not node.inputs:
@@ -179,7 +143,6 @@ class _FoldBatchNormRule(RewriteRule):
         if isinstance(stats, str):
             return stats
         s, t = stats
-        channels = s.size
 
         weight = _present(src, 1)
         if weight is None:
@@ -204,78 +167,18 @@ class _FoldBatchNormRule(RewriteRule):
             if not np.issubdtype(bias.dtype, np.floating):
                 return "bias is not floating point"
 
-        folded = getattr(self, f"_fold_{src.op}")(src, w, bias, s, t, channels)
+        folded = fold_scale_shift(src, w, bias, s, t)
         if isinstance(folded, str):
             return folded
+        if src.op == "MatMul":
+            reason = self._matmul_rank_reason(src)
+            if reason:
+                return reason
         match.parts.update(weight=weight, bias_tensor=bias_tensor, folded=folded)
         return None
 
-    # each _fold_* returns (W', b') as float64 arrays, or a reason
-
     @staticmethod
-    def _conv_bias(bias, s, t, channels):
-        if bias is None:
-            return t
-        b = np.asarray(bias, dtype=np.float64)
-        if b.shape != (channels,):
-            return "bias shape does not match the BN channel count"
-        return b * s + t  # = (b - mean) * s + beta
-
-    def _fold_Conv(self, node, w, bias, s, t, channels):
-        if w.ndim < 3 or w.shape[0] != channels:
-            return "Conv weight's output channels do not match the BN channel count"
-        b = self._conv_bias(bias, s, t, channels)
-        if isinstance(b, str):
-            return b
-        scale = s.reshape((channels,) + (1,) * (w.ndim - 1))
-        return w.astype(np.float64) * scale, b
-
-    def _fold_ConvTranspose(self, node, w, bias, s, t, channels):
-        group = int(node.attrs.get("group", 1))
-        if w.ndim < 3 or group < 1 or w.shape[0] % group != 0 or w.shape[1] * group != channels:
-            return "ConvTranspose weight's output channels do not match the BN channel count"
-        b = self._conv_bias(bias, s, t, channels)
-        if isinstance(b, str):
-            return b
-        c_in, c_out_g = w.shape[0], w.shape[1]
-        kernel = w.shape[2:]
-        grouped = w.astype(np.float64).reshape((group, c_in // group, c_out_g) + kernel)
-        scale = s.reshape((group, 1, c_out_g) + (1,) * len(kernel))
-        return (grouped * scale).reshape(w.shape), b
-
-    def _fold_Gemm(self, node, w, bias, s, t, channels):
-        if w.ndim != 2:
-            return "Gemm weight is not 2-D"
-        trans_b = int(node.attrs.get("transB", 0))
-        axis = 0 if trans_b else 1
-        if w.shape[axis] != channels:
-            return "Gemm output columns do not match the BN channel count"
-        alpha = float(node.attrs.get("alpha", 1.0))
-        beta = float(node.attrs.get("beta", 1.0))
-        scale = s.reshape((channels, 1) if trans_b else (1, channels))
-        w_new = alpha * w.astype(np.float64) * scale
-        if bias is None:
-            b_new = t
-        else:
-            c = np.asarray(bias, dtype=np.float64)
-            if c.ndim > 2:
-                return "Gemm C has rank > 2"
-            try:
-                shape = np.broadcast_shapes(c.shape, (1, channels))
-            except ValueError:
-                return "Gemm C does not broadcast to the output columns"
-            if shape[-1] != channels:
-                return "Gemm C does not broadcast to the output columns"
-            b_new = beta * c * s + t
-            if b_new.ndim == 2 and b_new.shape[0] == 1:
-                b_new = b_new.reshape(channels)
-        return w_new, b_new
-
-    def _fold_MatMul(self, node, w, bias, s, t, channels):
-        if w.ndim != 2:
-            return "MatMul weight is not 2-D"
-        if w.shape[1] != channels:
-            return "MatMul output columns do not match the BN channel count"
+    def _matmul_rank_reason(node):
         a = node.inputs[0]
         out_rank = rank(node.outputs[0])
         if out_rank is None:
@@ -284,7 +187,7 @@ class _FoldBatchNormRule(RewriteRule):
             return "MatMul output rank is unknown"
         if out_rank != 2:
             return f"MatMul output has rank {out_rank}: BN channel axis 1 is not its last axis"
-        return w.astype(np.float64) * s.reshape(1, channels), t
+        return None
 
     # -- rewrite --------------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ It is opt-in (``--fuse``, ``fuse_activations=True``; not in the default pipeline
 toolchains (older converters, some inference engines, Netron's older versions) do not read local
 functions. :class:`UnfuseConvActivationPass` inlines the functions back to plain ops (the Conv
 keeps its name), so passes that want to see a plain ``Conv`` (pruning, quantization) can run
-after it.
+after it; ``onnx.inliner.inline_local_functions`` gives the same plain graph outside this project.
 
 Declined (graph unchanged, reason reported): the Conv output is a graph output or read by
 anything besides the activation; the activation is declined by :mod:`.activations` (non-constant

@@ -47,6 +47,7 @@ calibrates them. Per-axis DequantizeLinear needs opset 13 or newer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -81,6 +82,8 @@ class QuantConfig:
     weight_bits: int = 7
     op_types: frozenset[str] = DEFAULT_OP_TYPES
     exclude: tuple[str, ...] = ()
+    #: when set, only nodes with these names are quantized (per-layer sensitivity)
+    only: frozenset[str] | None = None
 
     def __post_init__(self):
         if self.activations not in ("u8", "s8"):
@@ -89,6 +92,11 @@ class QuantConfig:
             raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
         object.__setattr__(self, "op_types", frozenset(self.op_types))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.only is not None:
+            object.__setattr__(self, "only", frozenset(self.only))
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
 
     @property
     def act_dtype(self) -> type:
@@ -106,7 +114,14 @@ class QuantConfig:
     def weight_qmax(self) -> int:
         return 63 if self.weight_bits == 7 else 127
 
+    def selects(self, node: gs.Node) -> bool:
+        """Whether ``node`` may be quantized (not excluded, and in ``only`` when that is set)."""
+        if self.only is not None and (node.name or "") not in self.only:
+            return False
+        return not self.excludes(node)
+
     def excludes(self, node: gs.Node) -> bool:
+        """Whether an ``exclude`` pattern names ``node`` (name, full-match regex or op type)."""
         name = node.name or ""
         for pattern in self.exclude:
             if pattern == node.op or pattern == name:
@@ -353,7 +368,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
         if node.op not in config.op_types:
             continue
         label = node.name or node.op
-        if config.excludes(node):
+        if not config.selects(node):
             plan.declined.append((label, "excluded"))
             continue
         reason = _check_node(node)
@@ -395,7 +410,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
     for node in graph.nodes:
         if node.op not in PASS_THROUGH_OPS or not node.inputs or not node.outputs:
             continue
-        if node.op == "MaxPool" and ("MaxPool" not in config.op_types or config.excludes(node) or _check_node(node)):
+        if node.op == "MaxPool" and ("MaxPool" not in config.op_types or not config.selects(node) or _check_node(node)):
             continue
         src, dst = node.inputs[0], node.outputs[0]
         src_in, dst_in = src.name in wanted, dst.name in wanted

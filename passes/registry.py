@@ -13,6 +13,7 @@ from typing import Callable
 from .base import Pass
 from .batchnorm_to_mul_add import BatchNormToMulAddPass
 from .eliminate_noop import EliminateNoOpPass
+from .fold_affine_into_conv import FoldAffineIntoConvPass
 from .fold_batchnorm import FoldBatchNormPass
 from .fold_constants import FoldConstantsPass
 from .fuse_conv_activation import FuseConvActivationPass, UnfuseConvActivationPass
@@ -22,6 +23,7 @@ from .remove_dead_nodes import RemoveDeadNodesPass
 PASS_FACTORIES: dict[str, Callable[..., Pass]] = {
     "fold-constants": lambda opts: FoldConstantsPass(size_limit_bytes=opts.constant_fold_limit),
     "eliminate-noop": lambda opts: EliminateNoOpPass(),
+    "fold-affine-into-conv": lambda opts: FoldAffineIntoConvPass(),
     "fold-batchnorm": lambda opts: FoldBatchNormPass(),
     "batchnorm-to-mul-add": lambda opts: BatchNormToMulAddPass(),
     "remove-dead-nodes": lambda opts: RemoveDeadNodesPass(),
@@ -33,6 +35,7 @@ PASS_FACTORIES: dict[str, Callable[..., Pass]] = {
 DEFAULT_PIPELINE: list[str] = [
     "fold-constants",
     "eliminate-noop",
+    "fold-affine-into-conv",
     "fold-batchnorm",
     "batchnorm-to-mul-add",
     "remove-dead-nodes",

