@@ -39,7 +39,8 @@ by the quantizer later):
   ``N`` = ``2048`` (the top of the non-empty part, at least ``num_quantized_bins``); for every
   candidate ``i`` in ``[num_quantized_bins, N]``: reference ``P = h[:i]`` with the outliers
   ``sum(h[i:])`` added to ``P[i-1]``; ``Q`` = ``h[:i]`` merged into ``num_quantized_bins`` groups
-  and spread back uniformly over the non-empty bins of each group; threshold
+  (bin ``j`` in group ``floor(j * num_quantized_bins / i)``: equal widths, where TensorRT's
+  reference gives the last group the whole remainder) and spread back uniformly over the non-empty bins of each group; threshold
   ``T = (i + 0.5) * w'`` for the ``i`` minimising ``KL(P || Q) = sum P log(P/Q)`` (both
   normalised; ``Q = 0`` where ``P > 0`` is smoothed by ``eps``). ``w'`` is the width of the
   2048-bin view (adjacent bins of the stored histogram merged exactly when it has more).
@@ -502,16 +503,13 @@ def _entropy_threshold(stats: TensorStats, *, num_bins: int, num_quantized_bins:
     for i in range(num_quantized_bins, top + 1):
         p = hist[:i].copy()
         p[i - 1] += hist[i:].sum()
-        # quantize hist[:i] into num_quantized_bins groups (the last takes the remainder)
-        merged = i // num_quantized_bins
-        starts = np.arange(num_quantized_bins) * merged
-        group = np.minimum(np.arange(i) // merged, num_quantized_bins - 1)
+        # quantize hist[:i] into num_quantized_bins groups of (nearly) equal width
+        group = (np.arange(i) * num_quantized_bins) // i
         src = hist[:i]
         group_sum = np.bincount(group, weights=src, minlength=num_quantized_bins)
         group_nonzero = np.bincount(group, weights=(src != 0).astype(np.float64), minlength=num_quantized_bins)
         per_bin = np.divide(group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0)
         q = np.where(src != 0, per_bin[group], 0.0)
-        del starts
         kl = _kl(p, q, eps)
         if kl < best_kl:
             best_kl, best_i = kl, i
