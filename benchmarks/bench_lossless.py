@@ -68,6 +68,14 @@ def _summary(model) -> dict[str, Any]:
     }
 
 
+def _load_average() -> float | None:
+    """1-minute load average (timings on a machine busy with other work are not comparable)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
     times, result = [], None
     for _ in range(repeats):
@@ -155,6 +163,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         model_name = f"{args.model} (width {args.width}, {args.input_size}px, torch legacy export, opset 17)"
 
+    load_before = _load_average()
     original = ir_io.load_model(src)
     with tempfile.TemporaryDirectory(prefix="bench_lossless_") as tmp:
         tmp = Path(tmp)
@@ -193,7 +202,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "model_bytes": src.stat().st_size,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "machine": {"cpus_usable": cpus, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus_usable": cpus,
+            "load_average_before_after": [load_before, _load_average()],
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "versions": {
             "onnx_compress": onnx_compress.__version__,
             "onnxslim": onnxslim.__version__,
@@ -207,7 +221,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ours_plus_verify": ours_median + verify_median,
             "onnxslim": slim_median,
             "ort_basic_session": ort_median,
-            "ours_stages_last_run": dict(report.seconds),
+            "ours_stages_last_run": {
+                **report.seconds,
+                "stats_and_save": ours_times[-1] - sum(report.seconds.values()),
+            },
             "runs": {"ours": ours_times, "onnxslim": slim_times, "verify": verify_times, "ort_basic_session": ort_times},
         },
         "ratio_ours_over_onnxslim": ratio,
@@ -233,7 +250,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"model: {result['model']}  ({result['model_bytes'] / 2**20:.1f} MiB, {c['original']['nodes']} nodes, "
         f"{c['original']['batchnorm_left']} BatchNormalization)",
-        f"medians of {result['repeats']} runs after {result['warmup']} warm-up; {result['machine']['cpus_usable']} CPUs usable",
+        f"medians of {result['repeats']} runs after {result['warmup']} warm-up; {result['machine']['cpus_usable']} CPUs usable; "
+        f"load average before/after {result['machine']['load_average_before_after']}",
         f"pipeline: {', '.join(result['pipeline'])}",
         "",
         f"{'':30} {'seconds':>9} {'nodes':>7} {'BN left':>8}",

@@ -9,16 +9,43 @@ applies only to groups with ``C >= 2r`` channels: ``k = r * round(C (1 - ratio) 
 clamped to ``[r, C]``; smaller groups (and ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to
 ``[1, C]``. A group is never pruned to zero channels. Note that a "channel" is the group's
 pruning atom: for a grouped convolution it is a whole conv group.
+
+Global ranking (:func:`global_plan`): each group's scores are normalised by their mean,
+``s'_g(k) = s_g(k) / mean_k s_g(k)`` (so groups measured on different scales compete fairly),
+and one threshold ``t`` removes every channel with ``s'_g(k) < t``, at most
+``floor(C_g * max_group_ratio)`` per group; the kept count is then rounded as above (rounded up
+again by ``round_to`` when rounding broke the cap). With ``ratio`` the threshold is the smallest
+``t`` that removes at least ``ratio`` of all prunable channels (bisection; capped groups can make
+less reachable).
+
+MAC target (:func:`target_plan`): the MACs of a contraction node after pruning follow from the
+keep masks of its channel dims (:func:`mac_model`):
+
+* Conv ``group == 1``, ConvTranspose ``group == 1``, Gemm, MatMul:
+  ``M' = M * (kept_in / in) * (kept_out / out)``;
+* grouped Conv / ConvTranspose: whole conv groups go, the channels per group stay, so
+  ``M' = M * kept_groups / groups`` (the output resp. input fraction).
+
+``M`` uses the formulas of :func:`onnx_compress.ir.stats.count_macs` (symbolic dimensions count
+as 1). The MAC fraction ``sum M' / sum M`` is non-increasing in the uniform ratio and in the
+global threshold, so bisection (60 steps) finds the least pruning whose fraction is at most
+``target``; if even the heaviest allowed pruning stays above it, that plan is returned and the
+caller reports the shortfall.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import logging
+from typing import Callable, Mapping
 
 import numpy as np
 
+from ..ir.graph import static_shape
+from .apply import keep_masks
 from .graph import DependencyGraph
+
+logger = logging.getLogger(__name__)
 
 Plan = dict[int, np.ndarray]  # group id -> kept channel indices (ascending)
 
@@ -47,4 +74,184 @@ def uniform_plan(
         k = kept_count(group.channels, ratio, round_to)
         if k < group.channels:
             plan[group.id] = top_k(np.asarray(scores[group.id]), k)
+    return plan
+
+
+def _kept_with_cap(channels: int, removed: int, max_group_ratio: float, round_to: int) -> int:
+    cap = int(math.floor(channels * max_group_ratio + 1e-9))
+    removed = min(removed, cap)
+    k = kept_count(channels, removed / channels, round_to) if removed else channels
+    floor_k = channels - cap
+    step = round_to if (round_to > 1 and channels >= 2 * round_to) else 1
+    while k < floor_k:
+        k = min(channels, k + step)
+    return k
+
+
+def normalised_scores(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    out = {}
+    for gid, s in scores.items():
+        s = np.asarray(s, dtype=np.float64)
+        mean = s.mean() if s.size else 0.0
+        out[gid] = s / mean if mean > 0 else np.ones_like(s)
+    return out
+
+
+def threshold_plan(
+    dg: DependencyGraph,
+    normalised: Mapping[int, np.ndarray],
+    threshold: float,
+    *,
+    round_to: int = 8,
+    max_group_ratio: float = 0.9,
+) -> Plan:
+    """Global ranking at one threshold (see the module docstring)."""
+    plan: Plan = {}
+    for group in dg.prunable:
+        s = normalised[group.id]
+        k = _kept_with_cap(group.channels, int((s < threshold).sum()), max_group_ratio, round_to)
+        if k < group.channels:
+            plan[group.id] = top_k(s, k)
+    return plan
+
+
+def _bisect(make: Callable[[float], Plan], measure: Callable[[Plan], float], lo: float, hi: float,
+            reached: Callable[[float], bool], steps: int = 60) -> Plan:
+    """Smallest parameter in [lo, hi] whose plan's measure is ``reached`` (measure monotone)."""
+    best = make(hi)
+    if not reached(measure(best)):
+        return best
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        plan = make(mid)
+        if reached(measure(plan)):
+            hi, best = mid, plan
+        else:
+            lo = mid
+    return best
+
+
+def global_plan(
+    dg: DependencyGraph,
+    scores: Mapping[int, np.ndarray],
+    ratio: float,
+    *,
+    round_to: int = 8,
+    max_group_ratio: float = 0.9,
+) -> Plan:
+    """Remove at least ``ratio`` of all prunable channels, ranked globally (module docstring)."""
+    if ratio <= 0:
+        return {}
+    norm = normalised_scores(scores)
+    total = sum(g.channels for g in dg.prunable)
+    if total == 0:
+        return {}
+    top = max((float(v.max()) for v in norm.values() if v.size), default=1.0) * 1.000001 + 1e-12
+    sizes = {g.id: g.channels for g in dg.prunable}
+
+    def removed(plan: Plan) -> float:
+        return sum(sizes[gid] - len(k) for gid, k in plan.items()) / total
+
+    return _bisect(
+        lambda t: threshold_plan(dg, norm, t, round_to=round_to, max_group_ratio=max_group_ratio),
+        removed, 0.0, top, lambda r: r >= ratio - 1e-12,
+    )
+
+
+# --- MACs --------------------------------------------------------------------------------------
+
+
+def _dims_of(shape) -> list[int] | None:
+    if shape is None:
+        return None
+    return [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]
+
+
+def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bool]]:
+    """``(macs, in_dim_id, out_dim_id, grouped)`` per contraction node (see module docstring)."""
+    terms = []
+
+    def dim_id(tensor, axis):
+        d = dg.dim_of(tensor.name, axis)
+        return None if d is None else d.id
+
+    for node in dg.graph.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        xs, ws, ys = _dims_of(x.shape), _dims_of(static_shape(w) or w.shape), _dims_of(y.shape)
+        if xs is None or ws is None or ys is None:
+            continue
+        if node.op in ("Conv", "ConvTranspose"):
+            g = int(node.attrs.get("group", 1))
+            kernel = int(np.prod(ws[2:])) if len(ws) > 2 else 1
+            if node.op == "Conv":
+                macs = ys[0] * ys[1] * int(np.prod(ys[2:])) * ws[1] * kernel
+            else:
+                macs = xs[0] * xs[1] * int(np.prod(xs[2:])) * ws[1] * kernel
+            ins, outs = dim_id(x, 1), dim_id(y, 1)
+            if g > 1:
+                # whole conv groups: the fraction of the side that carries them
+                terms.append((macs, None, outs if node.op == "Conv" else ins, True))
+                continue
+            terms.append((macs, ins, outs, False))
+        elif node.op == "Gemm":
+            ka = 0 if node.attrs.get("transA", 0) else 1
+            terms.append((ys[0] * ys[1] * xs[ka], dim_id(x, ka), dim_id(y, 1), False))
+        else:
+            if len(xs) < 2:
+                continue
+            terms.append((int(np.prod(ys)) * xs[-1], dim_id(x, len(xs) - 1), dim_id(y, len(ys) - 1), False))
+    return terms
+
+
+def mac_fraction(terms, masks: Mapping[int, np.ndarray]) -> float:
+    """MACs kept by ``masks`` (dim id -> keep mask) as a fraction of the model's."""
+    total = sum(t[0] for t in terms)
+    if total == 0:
+        return 1.0
+    kept = 0.0
+    for macs, din, dout, _ in terms:
+        f = 1.0
+        for d in (din, dout):
+            if d is not None and d in masks:
+                f *= float(masks[d].mean())
+        kept += macs * f
+    return kept / total
+
+
+def target_plan(
+    dg: DependencyGraph,
+    scores: Mapping[int, np.ndarray],
+    target_macs: float,
+    *,
+    round_to: int = 8,
+    global_ranking: bool = False,
+    max_group_ratio: float = 0.9,
+) -> Plan:
+    """Least pruning whose MACs are at most ``target_macs`` of the model's (module docstring)."""
+    if not 0.0 < target_macs <= 1.0:
+        raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
+    terms = mac_model(dg)
+
+    def measure(plan: Plan) -> float:
+        return mac_fraction(terms, keep_masks(dg, plan))
+
+    if global_ranking:
+        norm = normalised_scores(scores)
+        top = max((float(v.max()) for v in norm.values() if v.size), default=1.0) * 1.000001 + 1e-12
+
+        def make(t: float) -> Plan:
+            return threshold_plan(dg, norm, t, round_to=round_to, max_group_ratio=max_group_ratio)
+
+        hi = top
+    else:
+        def make(r: float) -> Plan:
+            return uniform_plan(dg, scores, r, round_to=round_to)
+
+        hi = min(max_group_ratio, 0.999)
+    plan = _bisect(make, measure, 0.0, hi, lambda f: f <= target_macs + 1e-12)
+    reached = measure(plan)
+    if reached > target_macs + 1e-9:
+        logger.warning("MAC target %.3f not reachable: the most pruning allowed keeps %.3f", target_macs, reached)
     return plan

@@ -151,6 +151,9 @@ def load_model(
             external_data_helper.load_external_data_for_model(model, str(base_dir))
         except (OSError, ValueError) as exc:
             raise InvalidModelError(f"{origin}: cannot load external data ({exc})") from exc
+        for tensor in iter_tensors(model.graph):
+            if tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")  # loaded inline: same bytes as never-external
     if validate:
         validate_model(model, origin=origin, serialized=serialized)
     return model
@@ -189,6 +192,37 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | No
     return out
 
 
+def _move_into_place(tmp_dir: Path, tmp_model: Path, out: Path, data_name: str | None) -> None:
+    """Rename the finished files over the targets; on failure restore what was there before.
+
+    The model goes last. A data file is moved first (the model refers to it); an existing data
+    file of that name is parked in ``tmp_dir`` and put back if the model cannot be moved, so a
+    failure never leaves a new data file beside an old model.
+    """
+    folder = out.parent
+    new_data = tmp_dir / data_name if data_name else None
+    if new_data is None or not new_data.exists():
+        os.replace(tmp_model, out)
+        return
+    target = folder / data_name
+    parked = tmp_dir / (data_name + ".previous")
+    had_previous = target.exists()
+    if had_previous:
+        os.replace(target, parked)
+    try:
+        os.replace(new_data, target)
+        os.replace(tmp_model, out)
+    except OSError:
+        try:
+            if had_previous:
+                os.replace(parked, target)
+            elif target.exists():
+                target.unlink()
+        except OSError:
+            logger.warning("could not restore %s after a failed save", target)
+        raise
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -224,8 +258,6 @@ def save_model(
                 convert_attribute=True,
             )
             onnx.save_model(to_write, str(tmp_model))
-            if (tmp_dir / data_name).exists():
-                os.replace(tmp_dir / data_name, folder / data_name)
         else:
             try:
                 data = model.SerializeToString()
@@ -234,7 +266,7 @@ def save_model(
                     f"model is too large for a single protobuf ({exc}); save with external_data=True"
                 ) from exc
             tmp_model.write_bytes(data)
-        os.replace(tmp_model, out)
+        _move_into_place(tmp_dir, tmp_model, out, data_name if external_data else None)
     except OSError as exc:
         raise OutputPathError(f"cannot write {out}: {exc.strerror or exc}") from exc
     finally:

@@ -165,7 +165,8 @@ def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     """
     inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), **kwargs)
     del inferred.graph.initializer[:]
-    inferred.graph.initializer.extend(model.graph.initializer)
+    for tensor in model.graph.initializer:  # add().CopyFrom: half the time of extend() here
+        inferred.graph.initializer.add().CopyFrom(tensor)
     return inferred
 
 

@@ -1,1 +1,22 @@
-"""kernels: Numba INT8 kernels (see the tracker's INT8 runtime issue). Not built yet."""
+"""kernels: Numba INT8 kernels, exact against NumPy references of ONNX integer semantics.
+
+Each op has a public wrapper that validates (``TypeError``/``ValueError`` naming the argument), a
+private ``@njit`` kernel (options in ``config``) and a NumPy twin in ``reference`` (which also
+defines, once, the float32 requantization every integer kernel uses). Internal layout is NHWC.
+Imports only numpy and numba.
+"""
+
+from . import reference
+from .config import COLD_START_NOTE
+from .conv import QConvParams, prepare_qconv, qlinear_conv, run_qconv
+from .eltwise import clamp, qlinear_add, qlinear_mul
+from .gemm import QGemmParams, prepare_qgemm, qgemm, qlinear_matmul, run_qgemm
+from .pool import average_pool, global_average_pool, max_pool
+from .quantize import dequantize_linear, quantize_linear, requantize
+
+__all__ = [
+    "COLD_START_NOTE", "QConvParams", "QGemmParams", "average_pool", "clamp", "dequantize_linear",
+    "global_average_pool", "max_pool", "prepare_qconv", "prepare_qgemm", "qgemm", "qlinear_add",
+    "qlinear_conv", "qlinear_matmul", "qlinear_mul", "quantize_linear", "reference", "requantize",
+    "run_qconv", "run_qgemm",
+]

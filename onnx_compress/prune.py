@@ -11,6 +11,32 @@ bit-identical.
 ``masked_reference(model, report.plan)`` returns the original with the removed channels made
 inert instead of removed (see :mod:`onnx_compress.dependency_graph.apply`); the pruned model
 must compute the same outputs. ``list_groups(model)`` lists the groups without pruning.
+
+Before lifting, the model goes through the project's constant folding and no-op elimination
+(:class:`~onnx_compress.passes.FoldConstantsPass`, :class:`~onnx_compress.passes.EliminateNoOpPass`)
+so that ``Shape``-computed Slice bounds (torch's ``chunk``) and Identity-wrapped weights become
+plain constants the channel rules can read. BatchNormalization is *not* folded here: ``bn_scale``
+importance reads its gamma, and the pruned BN is sliced like any per-channel op.
+
+Options (keyword-only, one per CLI flag):
+
+* ``importance``: ``l1``, ``l2``, ``random``, ``bn_scale`` (BN gamma) or ``activation`` (mean
+  ``|x|`` of what the next layer reads, measured on ``calib`` with ONNX Runtime);
+* ``global_ranking`` / ``max_group_ratio``: one threshold over per-group-normalised scores
+  instead of the same ratio in every group (``ratio`` is then the fraction of all prunable
+  channels removed), no group losing more than ``max_group_ratio``;
+* ``target_macs``: keep at most this fraction of the MACs (bisection; ``ratio`` is ignored);
+* ``round_to``, ``ignore``: see :mod:`onnx_compress.dependency_graph.strategy` / ``.graph``;
+* ``calib``: an ``.npz`` keyed by input name (stacked on axis 0), a folder of ``.npz`` feeds, a
+  dict of arrays or an iterable of feed dicts (loaded by
+  :func:`onnx_compress.passes.calibration.load_calibration`; give a list, not a generator, when
+  both ``activation`` and ``reconstruct`` need it: it is read twice);
+* ``reconstruct``: refit the consumers of removed channels by ridge least squares on ``calib``
+  (:mod:`onnx_compress.dependency_graph.reconstruct`); the result then no longer equals the
+  masked reference, by design.
+
+Calibration statistics are streamed (per-channel sums; per-layer Gram matrices): memory does not
+grow with the number of samples.
 """
 
 from __future__ import annotations
@@ -29,12 +55,20 @@ from .dependency_graph import (
     apply_mask,
     apply_plan,
     build_dependency_graph,
+    global_plan,
+    keep_masks,
     score_groups,
+    target_plan,
     uniform_plan,
 )
+from .dependency_graph.importance import activation_members
+from .dependency_graph.reconstruct import plan_fits, write_fit
 from .ir import io as ir_io
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, model_stats
+from .passes.base import PassManager
+from .passes.eliminate_noop import EliminateNoOpPass
+from .passes.fold_constants import FoldConstantsPass
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +124,10 @@ class PruneReport:
     before: ModelStats
     after: ModelStats
     plan: dict[int, list[int]] = field(default_factory=dict)
+    strategy: str = "uniform"
+    target_macs: float | None = None
+    reconstructed: list[str] = field(default_factory=list)  # consumer nodes refitted
+    calib_samples: int = 0
 
     @property
     def macs_before(self) -> int:
@@ -116,6 +154,10 @@ class PruneReport:
             "ratio": self.ratio,
             "importance": self.importance,
             "round_to": self.round_to,
+            "strategy": self.strategy,
+            "target_macs": self.target_macs,
+            "reconstructed": list(self.reconstructed),
+            "calib_samples": self.calib_samples,
             "macs": {"before": self.macs_before, "after": self.macs_after},
             "parameters": {"before": self.params_before, "after": self.params_after},
             "groups": [g.as_dict() for g in self.groups],
@@ -139,13 +181,29 @@ def _group_report(group: PruningGroup, kept: np.ndarray | None) -> GroupReport:
     )
 
 
-def _lift(model: Any, ignore: Sequence[str]) -> tuple[onnx.ModelProto, DependencyGraph]:
-    original = ir_io.load_model(model)
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        working = onnx.shape_inference.infer_shapes(original, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # pruning still works on whatever shapes the model carries
         logger.warning("shape inference failed (%s); groups need known channel sizes", str(exc).splitlines()[0])
-        working = original
+        return model
+
+
+def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding + no-op elimination (Shape-computed Slice bounds become constants)."""
+    graph = to_graph(_infer(model))
+    try:
+        graph = PassManager([FoldConstantsPass(), EliminateNoOpPass()], steps=2).call(graph).graph
+    except Exception as exc:  # folding is a help, not a requirement: lift the model as it is
+        logger.warning("constant folding before pruning failed (%s); lifting the model unfolded", str(exc).splitlines()[0])
+        return model
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return to_model(graph, like=model)
+
+
+def _lift(model: Any, ignore: Sequence[str]) -> tuple[onnx.ModelProto, DependencyGraph]:
+    original = ir_io.load_model(model)
+    working = _infer(_fold(original))
     graph = to_graph(working)
     return original, build_dependency_graph(graph, ignore=tuple(ignore))
 
@@ -171,28 +229,128 @@ def list_groups(model: Any, *, ignore: Iterable[str] = ()) -> list[GroupReport]:
     return [_group_report(g, None) for g in dg.groups]
 
 
+def _calibration(calib: Any, model: onnx.ModelProto, limit: int | None):
+    from .passes.calibration import load_calibration
+
+    inits = {t.name for t in model.graph.initializer}
+    names = [vi.name for vi in model.graph.input if vi.name not in inits]
+    return load_calibration(calib, input_names=names, limit=limit)
+
+
+def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: int = 16):
+    """Yield ``(outputs by name, samples)`` for each batch of ``calib`` run through ``model``."""
+    import onnxruntime as ort
+
+    from .passes.calibration import _batch_axis_free, _batches, with_outputs
+
+    probe = with_outputs(model, list(names))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    for feed, n in _batches(calib, batch_size, _batch_axis_free(model)):
+        missing = [k for k in inputs if k not in feed]
+        if missing:
+            raise ValueError(f"calibration feed lacks input(s) {', '.join(missing)}")
+        yield dict(zip(names, session.run(list(names), {k: feed[k] for k in inputs}))), n
+
+
+def _activation_means(dg: DependencyGraph, working: onnx.ModelProto, calib) -> tuple[dict[str, np.ndarray], int]:
+    """Mean ``|x|`` per index of each activation member's channel axis (streamed sums)."""
+    axes: dict[str, int] = {}
+    for group in dg.prunable:
+        for m in activation_members(group):
+            axes.setdefault(m.tensor, m.axis)
+    sums = {name: np.zeros(dg.dim_of(name, axis).size) for name, axis in axes.items()}
+    counts = dict.fromkeys(axes, 0)
+    samples = 0
+    for outputs, n in _stream(working, calib, list(axes)):
+        samples += n
+        for name, value in outputs.items():
+            axis = axes[name]
+            a = np.abs(np.moveaxis(np.asarray(value, dtype=np.float32), axis, 0))
+            a = a.reshape(a.shape[0], -1)
+            sums[name] += a.sum(axis=1, dtype=np.float64)
+            counts[name] += a.shape[1]
+    if samples == 0:
+        raise ValueError("calibration data is empty")
+    return {k: sums[k] / max(counts[k], 1) for k in sums}, samples
+
+
+def _reconstruct(dg, working, calib, masks, *, ridge: float, rows_per_sample: int | None, seed: int):
+    fits = plan_fits(dg, masks)
+    if not fits:
+        return [], 0
+    names = list(dict.fromkeys(f.input_name for f in fits))
+    rng = np.random.default_rng(seed)
+    samples = 0
+    for outputs, n in _stream(working, calib, names):
+        samples += n
+        for f in fits:
+            f.update(outputs[f.input_name], rows_per_sample=rows_per_sample, rng=rng)
+    if samples == 0:
+        raise ValueError("calibration data is empty")
+    return fits, samples
+
+
 def prune(
     model: Any,
     ratio: float = 0.3,
     *,
     importance: str = "l1",
+    target_macs: float | None = None,
     round_to: int = 8,
     ignore: Iterable[str] = (),
+    calib: Any = None,
+    calib_limit: int | None = None,
+    reconstruct: bool = False,
+    global_ranking: bool = False,
+    max_group_ratio: float = 0.9,
+    ridge: float = 1e-3,
+    rows_per_sample: int | None = 256,
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, PruneReport]:
-    """Remove ``ratio`` of the channels of every prunable group; returns (model, report)."""
+    """Prune ``model``; returns (model, report). See the module docstring for the options."""
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCE)}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
+    if not 0.0 < max_group_ratio < 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1), got {max_group_ratio}")
+    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+        raise ValueError(f"target_macs must be in (0, 1], got {target_macs}")
+    if (importance == "activation" or reconstruct) and calib is None:
+        raise ValueError(f"{'reconstruct' if reconstruct else 'activation importance'} needs calibration data (calib)")
     original, dg = _lift(model, _check_ignore(ignore))
     before = model_stats(original)
-    scores = score_groups(dg, importance, seed=seed)
-    plan = uniform_plan(dg, scores, ratio, round_to=round_to)
+    working = to_model(dg.graph, like=original) if calib is not None else None  # before any slicing
+    data = _calibration(calib, original, calib_limit) if calib is not None else None
+    activations, samples = None, 0
+    if importance == "activation":
+        activations, samples = _activation_means(dg, working, data)
+    scores = score_groups(dg, importance, seed=seed, activations=activations)
+    if target_macs is not None:
+        plan = target_plan(dg, scores, target_macs, round_to=round_to, global_ranking=global_ranking,
+                           max_group_ratio=max_group_ratio)
+    elif global_ranking:
+        plan = global_plan(dg, scores, ratio, round_to=round_to, max_group_ratio=max_group_ratio)
+    else:
+        plan = uniform_plan(dg, scores, ratio, round_to=round_to)
+    refitted: list[str] = []
     if plan:
+        fits = []
+        if reconstruct:
+            fits, n = _reconstruct(dg, working, data, keep_masks(dg, plan), ridge=ridge,
+                                   rows_per_sample=rows_per_sample, seed=seed)
+            samples = max(samples, n)
+        solved = [(f, *f.solve(ridge)) for f in fits]
         apply_plan(dg, plan)
+        for f, w, b in solved:
+            write_fit(dg.graph, f, w, b)
+            refitted.append(f.node.name)
         result = _export(dg, original)
     else:
         result = onnx.ModelProto()
@@ -207,10 +365,14 @@ def prune(
         before=before,
         after=after,
         plan={gid: [int(i) for i in kept] for gid, kept in plan.items()},
+        strategy="target-macs" if target_macs is not None else ("global" if global_ranking else "uniform"),
+        target_macs=target_macs,
+        reconstructed=refitted,
+        calib_samples=samples,
     )
     logger.info(
-        "pruned %d of %d groups (%d frozen); MACs %d -> %d",
-        len(plan), len(dg.groups), len(report.frozen), before.macs, after.macs,
+        "pruned %d of %d groups (%d frozen); MACs %d -> %d; %d layers refitted",
+        len(plan), len(dg.groups), len(report.frozen), before.macs, after.macs, len(refitted),
     )
     return result, report
 

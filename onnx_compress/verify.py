@@ -257,6 +257,9 @@ def verify_models(
             report.skipped_reason = str(exc)
             return report
         feeds = []
+    if not feeds and not real_feeds:  # comparing on nothing must not read as "passed"
+        report.skipped_reason = "no inputs to compare on (--samples 0 and no --inputs)"
+        return report
     per_output: dict[str, list[OutputComparison]] = {}
     for index, feed in enumerate(list(feeds) + real_feeds):
         is_real = index >= len(feeds)

@@ -42,7 +42,9 @@ by the quantizer later):
   (bin ``j`` in group ``floor(j * num_quantized_bins / i)``: equal widths, where TensorRT's
   reference gives the last group the whole remainder) and spread back uniformly over the non-empty bins of each group; threshold
   ``T = (i + 0.5) * w'`` for the ``i`` minimising ``KL(P || Q) = sum P log(P/Q)`` (both
-  normalised; ``Q = 0`` where ``P > 0`` is smoothed by ``eps``). ``w'`` is the width of the
+  normalised; ``Q = 0`` where ``P > 0`` is smoothed by ``eps``). The first bin (the spike of
+  exact zeros after ReLU) is set to the count of the second before the search, as
+  pytorch-quantization does; otherwise KL favours clipping ReLU outputs hard. ``w'`` is the width of the
   2048-bin view (adjacent bins of the stored histogram merged exactly when it has more).
 - ``mse``: the clip range minimising the expected squared quantization error of the histogram,
   ``E(T) = sum_{|c| <= T} n_c * step^2 / 12 + sum_{|c| > T} n_c (|c| - T)^2`` with bin centres
@@ -497,7 +499,8 @@ def _entropy_threshold(stats: TensorStats, *, num_bins: int, num_quantized_bins:
     absmax = max(abs(stats.min), abs(stats.max))
     if top <= num_quantized_bins:
         return absmax
-    hist = counts[:top]
+    hist = counts[:top].copy()
+    hist[0] = hist[1]  # the spike of exact zeros (ReLU) would dominate P; as pytorch-quantization does
     best_i, best_kl = top, math.inf
     eps = 1e-10
     for i in range(num_quantized_bins, top + 1):

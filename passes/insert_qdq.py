@@ -37,7 +37,10 @@ proves it against ORT's own defaults). ``weight_bits=8`` is for VNNI CPUs and GP
 
 Options (:class:`QuantConfig`): ``activations`` ``u8``/``s8``, ``symmetric``, ``per_channel``,
 ``weight_bits`` 7/8, ``op_types``, ``exclude`` (node names, regular expressions matched in full
-against names, or op types). Excluded nodes stay float. Declined nodes (weight not constant,
+against names, or op types), ``only`` (quantize just these node names). Excluded nodes stay
+float and read the *float* value of their inputs even where a neighbour quantizes that tensor:
+ONNX Runtime quantizes the float weight of a ``DQ -> Conv -> Q`` group by itself, so an excluded
+node that read a DQ would silently become an integer kernel. Declined nodes (weight not constant,
 non-float tensors, Gemm ``alpha != 1``, ...) stay float and are listed with the reason.
 
 The pass needs a range for every tensor :func:`plan_quantization` lists (``InsertQDQPass(ranges)``
@@ -477,8 +480,9 @@ class InsertQDQPass(Pass):
             self._quantize_bias(graph, node, index, params[x.name], w_use)
         for node, index in plan.constants:
             self._quantize_constant(graph, node, index)
+        keep_float = {id(n) for n in graph.nodes if not config.selects(n)}
         for name in plan.quantized:
-            self._insert_activation_qdq(graph, tensors[name], params[name])
+            self._insert_activation_qdq(graph, tensors[name], params[name], keep_float)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         logger.info("quantized %d nodes, %d activation tensors", len(plan.nodes), len(plan.quantized))
         return PassResult(graph, True, len(plan.nodes), plan.declined)
@@ -524,7 +528,7 @@ class InsertQDQPass(Pass):
             graph, tensor.name, q, np.asarray(p.scale, np.float32), np.asarray(p.zero_point, p.dtype), None
         )
 
-    def _insert_activation_qdq(self, graph: gs.Graph, tensor: gs.Tensor, p: QuantParams) -> None:
+    def _insert_activation_qdq(self, graph: gs.Graph, tensor: gs.Tensor, p: QuantParams, keep_float: set[int]) -> None:
         base = tensor.name
         scale = gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(p.scale, dtype=np.float32))
         zp = gs.Constant(unique_name(graph, f"{base}_zero_point"), np.asarray(p.zero_point, dtype=p.dtype))
@@ -534,10 +538,15 @@ class InsertQDQPass(Pass):
             src = producer(tensor)
             pre = gs.Variable(unique_name(graph, f"{base}_float"), dtype=tensor.dtype, shape=tensor.shape)
             src.outputs[[i for i, t in enumerate(src.outputs) if t is tensor][0]] = pre
+            for user in list(tensor.outputs):  # excluded readers keep reading the float value
+                if id(user) in keep_float:
+                    user.inputs[:] = [pre if inp is tensor else inp for inp in user.inputs]
             q_in, dq_out = pre, tensor
         else:
             dq_out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
             for user in list(tensor.outputs):
+                if id(user) in keep_float:
+                    continue  # excluded (or, with ``only``, unselected) readers keep the float value
                 for i, inp in enumerate(user.inputs):
                     if inp is tensor:
                         user.inputs[i] = dq_out

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -184,7 +185,9 @@ def export_mobilenet_v2(path: str | os.PathLike, *, dynamic_batch: bool = True) 
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        with torch.no_grad():
+        # the legacy exporter is deprecated, but it is the one that keeps BatchNormalization unfused
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (dummy,),

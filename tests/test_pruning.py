@@ -389,13 +389,49 @@ def test_c2f_split_concat():
     assert all(g.kept == 11 for g in report7.groups if g.id in {h.id for h in halves})
 
 
-def test_slice_with_computed_bounds_freezes_only_its_group():
+def test_shape_computed_slice_bounds_are_folded_and_pruned():
+    # chunk() exports Shape -> ... -> Slice; prune() folds constants first, so both halves of
+    # cv1 become provable groups and the Slice bounds are rewritten
     model = export(C2f(chunk=True), SHAPE)
     assert any(n.op_type == "Shape" for n in model.graph.node)
-    pruned, report = check_pruned(model)  # the stem and the bottleneck are still pruned
-    cv1 = next(g for g in report.groups if any(m.tensor == "cv1.weight" and m.axis == 0 for m in g.members))
-    assert cv1.frozen and any("Slice" in r and "not a constant" in r for r in cv1.reasons), cv1.reasons
-    assert weights(pruned)["cv1.weight"].shape[0] == 32
+    pruned, report = check_pruned(model)
+    assert not any(n.op_type == "Shape" for n in pruned.graph.node)
+    halves = [g for g in report.groups if any(m.tensor == "cv1.weight" and m.axis == 0 for m in g.members)]
+    assert len(halves) == 2 and all(not g.frozen and g.kept == 8 for g in halves)
+    assert weights(pruned)["cv1.weight"].shape[0] == 16
+    assert weights(pruned)["m.weight"].shape[1] == 8
+
+
+def test_slice_with_runtime_bounds_freezes_only_its_group():
+    """Slice ``ends`` fed by a graph input cannot be folded: that group is frozen, with reason."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 3, 1, 1)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "w2")
+    w3 = numpy_helper.from_array(rng.standard_normal((16, 3, 1, 1)).astype(np.float32), "w3")
+    w4 = numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "w4")
+    starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+        helper.make_node("Slice", ["a", "starts", "ends", "axes"], ["s"], name="dyn_slice"),
+        helper.make_node("Conv", ["x", "w3"], ["b"], name="c3"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w4"], ["z"], name="c4"),
+    ]
+    graph = helper.make_graph(
+        nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+                       helper.make_tensor_value_info("ends", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", "c", 4, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [w1, w2, w3, w4, starts, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = prune(model, 0.5, round_to=1)
+    c1 = next(g for g in report.groups if any(m.tensor == "w1" and m.axis == 0 for m in g.members))
+    assert c1.frozen and any("Slice" in r and "not a constant" in r for r in c1.reasons), c1.reasons
+    c3 = next(g for g in report.groups if any(m.tensor == "w3" and m.axis == 0 for m in g.members))
+    assert not c3.frozen and c3.kept == 8
 
 
 def test_channel_shuffle_is_frozen_with_reason():

@@ -1,0 +1,302 @@
+"""Reconstruction without training: refit a consumer layer's remaining weights by least squares.
+
+When input channels of a layer ``y = W x + b`` are removed, the layer loses their contribution.
+Given calibration activations ``x`` of the *original* model, we refit the kept input weights and
+the bias so that the pruned layer's pre-activation output matches the original one:
+
+    min_{A, c}  E || (W x + b) - (A x_K + c) ||^2  +  lam ||A||^2
+
+where ``x_K`` are the kept input features. For a Conv the features are im2col columns
+``x_col[(ci, ky, kx)]`` of each output position (one row per position and sample; ``W`` reshaped
+to ``[C_out, C_in * prod(k)]``, same ordering), for Gemm/MatMul the rows of the flattened input.
+With ``mu_x = E[x_K]``, ``mu_y = E[W x]`` and the centred moments ``S = E[x_K x_K^T] - mu_x
+mu_x^T``, ``R = E[x_K (W x)^T] - mu_x mu_y^T``, the solution is
+
+    A = (S + lam I)^{-1} R,        c = mu_y + b - A^T mu_x
+
+(the intercept is free, not regularised). ``lam = ridge * trace(S) / |K|`` scales the ridge to the
+features' variance. A removed channel that carried a constant (a ReLU of a bias, HardSigmoid of
+zero = 0.5) contributes ``W[:, c] * const`` to every output: exactly what ``c`` absorbs, so such
+channels are folded into the bias. (With padding the contribution is not constant at the borders;
+the fit then takes the best constant.) Layers without a bias slot (a MatMul not followed by a
+per-feature Add) are fitted without intercept, ``A = (E[x_K x_K^T] + lam I)^{-1} E[x_K (W x)^T]``.
+
+The statistics are sums over rows accumulated batch by batch (``sum x_K``, ``sum W x``,
+``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count), so memory is ``O(|K|^2 + |K| C_out)`` per
+layer whatever the number of samples. ``rows_per_sample`` optionally subsamples output positions
+(seeded) to bound time on large feature maps.
+
+Grouped and depthwise Conv consumers are skipped: their input channels are pruned in whole conv
+groups, which removes the groups' outputs too, so nothing of what they keep lost an input.
+ConvTranspose and ``transA`` Gemm are skipped as well (logged).
+
+This module is numpy only; the activations come from the caller (ONNX Runtime in
+:mod:`onnx_compress.prune`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..ir.graph import constant_value, unique_name
+from .graph import DependencyGraph
+
+logger = logging.getLogger(__name__)
+
+
+def _conv_geometry(node: gs.Node, x_shape, w_shape):
+    spatial = len(w_shape) - 2
+    kernel = [int(k) for k in w_shape[2:]]
+    strides = [int(s) for s in node.attrs.get("strides", [1] * spatial)]
+    dilations = [int(d) for d in node.attrs.get("dilations", [1] * spatial)]
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("NOTSET", ""):
+        pads = [int(p) for p in node.attrs.get("pads", [0] * (2 * spatial))]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    else:
+        begin, end = [], []
+        for i in range(spatial):
+            size = int(x_shape[2 + i])
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            begin.append(big if auto_pad == "SAME_LOWER" else small)
+            end.append(small if auto_pad == "SAME_LOWER" else big)
+        pads = begin + end
+    return kernel, strides, dilations, pads
+
+
+def im2col(x: np.ndarray, kernel, strides, dilations, pads) -> np.ndarray:
+    """``[N, C, *spatial]`` (1-D or 2-D) -> ``[N * positions, C * prod(kernel)]``, (c, ky, kx) order."""
+    if x.ndim == 3:
+        x = x[:, :, None, :]
+        kernel, strides, dilations = [1, *kernel], [1, *strides], [1, *dilations]
+        pads = [0, pads[0], 0, pads[1]]
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    oh = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+    return cols.reshape(n, c * kh * kw, oh * ow).transpose(0, 2, 1).reshape(n * oh * ow, c * kh * kw)
+
+
+@dataclass
+class LayerFit:
+    """Streaming least-squares refit of one consumer node (see the module docstring)."""
+
+    node: gs.Node
+    kind: str  # "conv", "gemm" or "matmul"
+    input_name: str
+    w2d: np.ndarray  # original weight as [C_out, D] (float64)
+    bias: np.ndarray  # original bias [C_out] (zeros if none)
+    col_keep: np.ndarray  # bool [D]: features kept
+    out_keep: np.ndarray  # bool [C_out]: output channels kept
+    intercept: bool
+    geometry: tuple | None = None
+    n: int = 0
+    sum_x: np.ndarray = field(default=None)
+    sum_y: np.ndarray = field(default=None)
+    xx: np.ndarray = field(default=None)
+    xy: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        k = int(self.col_keep.sum())
+        out = self.w2d.shape[0]
+        self.sum_x = np.zeros(k)
+        self.sum_y = np.zeros(out)
+        self.xx = np.zeros((k, k))
+        self.xy = np.zeros((k, out))
+        self._w32 = np.ascontiguousarray(self.w2d.T, dtype=np.float32)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.kind == "conv":
+            return im2col(x, *self.geometry)
+        return x.reshape(-1, x.shape[-1])
+
+    def update(self, x: np.ndarray, *, rows_per_sample: int | None = None, rng: np.random.Generator | None = None) -> None:
+        rows = self.rows(x)
+        if rows_per_sample is not None and x.shape[0] and rows.shape[0] > rows_per_sample * x.shape[0]:
+            rng = rng or np.random.default_rng(0)
+            pick = rng.choice(rows.shape[0], rows_per_sample * x.shape[0], replace=False)
+            rows = rows[np.sort(pick)]
+        y = rows @ self._w32  # W x, bias excluded
+        xk = np.ascontiguousarray(rows[:, self.col_keep])
+        self.n += rows.shape[0]
+        self.sum_x += xk.sum(axis=0, dtype=np.float64)
+        self.sum_y += y.sum(axis=0, dtype=np.float64)
+        self.xx += (xk.T @ xk).astype(np.float64)
+        self.xy += (xk.T @ y).astype(np.float64)
+
+    def solve(self, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+        """(weights ``[C_out, |K|]``, bias ``[C_out]``) in the original output order."""
+        if self.n == 0:
+            raise ValueError(f"no calibration rows reached '{self.node.name}'")
+        k = self.xx.shape[0]
+        if self.intercept:
+            mx, my = self.sum_x / self.n, self.sum_y / self.n
+            s = self.xx / self.n - np.outer(mx, mx)
+            r = self.xy / self.n - np.outer(mx, my)
+        else:
+            s, r = self.xx / self.n, self.xy / self.n
+        lam = ridge * max(float(np.trace(s)) / max(k, 1), 1e-12)
+        a = np.linalg.solve(s + lam * np.eye(k), r)  # [K, C_out]
+        w = a.T
+        if self.intercept:
+            b = my + self.bias - mx @ a
+        else:
+            b = self.bias.copy()
+        return w, b
+
+
+def _weight_matrix(node: gs.Node) -> tuple[str, np.ndarray] | None:
+    w = constant_value(node.inputs[1])
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float64)
+    if node.op == "Conv":
+        return "conv", w.reshape(w.shape[0], -1)
+    if node.op == "Gemm":
+        return "gemm", (w if node.attrs.get("transB", 0) else w.T)
+    if w.ndim != 2:
+        return None
+    return "matmul", w.T
+
+
+def _matmul_bias(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """The Add right after a MatMul that adds a per-feature constant (its node and input slot)."""
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return None
+    add = y.outputs[0]
+    for i, t in enumerate(add.inputs):
+        if t is y:
+            continue
+        v = constant_value(t)
+        if v is not None and v.ndim == 1 and v.shape[0] == constant_value(node.inputs[1]).shape[1]:
+            return add, i
+    return None
+
+
+def plan_fits(dg: DependencyGraph, masks: dict[int, np.ndarray]) -> list[LayerFit]:
+    """One :class:`LayerFit` per consumer whose input channels lose something (original shapes)."""
+    fits: list[LayerFit] = []
+    for node in dg.graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        x, wt, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None:
+            continue
+        axis = 1 if node.op == "Conv" else rank - 1
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            logger.debug("reconstruct: skip '%s' (transA)", node.name)
+            continue
+        din = dg.dim_of(x.name, axis)
+        if din is None or din.id not in masks:
+            continue
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
+            continue
+        found = _weight_matrix(node)
+        if found is None:
+            continue
+        if len(wt.outputs) != 1:
+            logger.info("reconstruct: skip '%s' (weight shared with other nodes)", node.name)
+            continue
+        kind, w2d = found
+        in_keep = masks[din.id]
+        geometry = None
+        if kind == "conv":
+            ws = constant_value(wt).shape
+            if len(ws) not in (3, 4) or x.shape is None:
+                logger.info("reconstruct: skip '%s' (%d-D conv)", node.name, len(ws) - 2)
+                continue
+            geometry = _conv_geometry(node, x.shape, ws)
+            col_keep = np.repeat(in_keep, int(np.prod(ws[2:])))
+        else:
+            col_keep = in_keep
+        out_axis = 1 if node.op in ("Conv", "Gemm") else len(y.shape) - 1 if y.shape is not None else None
+        dout = dg.dim_of(y.name, out_axis) if out_axis is not None else None
+        out_keep = masks.get(dout.id) if dout is not None else None
+        if out_keep is None:
+            out_keep = np.ones(w2d.shape[0], dtype=bool)
+        bias = np.zeros(w2d.shape[0])
+        intercept = True
+        if node.op == "Conv" and len(node.inputs) > 2 and node.inputs[2].name:
+            b = constant_value(node.inputs[2])
+            if b is None:
+                continue
+            bias = np.asarray(b, dtype=np.float64)
+        elif node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            b = constant_value(node.inputs[2])
+            if b is None or float(node.attrs.get("beta", 1.0)) != 1.0 or np.asarray(b).size not in (1, w2d.shape[0]):
+                continue
+            bias = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(-1), (w2d.shape[0],)).copy()
+        elif node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
+            continue
+        elif node.op == "MatMul":
+            slot = _matmul_bias(node)
+            if slot is None:
+                intercept = False
+            else:
+                add, i = slot
+                bias = np.asarray(constant_value(add.inputs[i]), dtype=np.float64)
+        if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
+            continue
+        fits.append(LayerFit(node, kind, x.name, w2d, bias, col_keep, out_keep, intercept, geometry))
+    return fits
+
+
+def _write(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray, base: str) -> None:
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        old.values = value
+        return
+    new = gs.Constant(unique_name(graph, f"{base}_reconstructed"), value)
+    if old is None:
+        node.inputs.append(new)
+    else:
+        node.inputs[index] = new
+
+
+def write_fit(graph: gs.Graph, fit: LayerFit, weights: np.ndarray, bias: np.ndarray) -> None:
+    """Store a solved fit into the *pruned* node (rows of removed outputs dropped)."""
+    node = fit.node
+    wt = node.inputs[1]
+    old = constant_value(wt)
+    dtype = old.dtype
+    w = weights[fit.out_keep]
+    b = bias[fit.out_keep].astype(dtype)
+    name = node.name or node.op
+    if fit.kind == "conv":
+        value = w.reshape(old.shape).astype(dtype)
+        _write(graph, node, 1, value, wt.name or name)
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            while len(node.inputs) > 2:
+                node.inputs.pop()
+        _write(graph, node, 2, b, f"{name}_bias")
+    elif fit.kind == "gemm":
+        value = (w if node.attrs.get("transB", 0) else w.T).astype(dtype).reshape(old.shape)
+        _write(graph, node, 1, value, wt.name or name)
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            while len(node.inputs) > 2:
+                node.inputs.pop()
+        _write(graph, node, 2, b, f"{name}_bias")
+    else:
+        _write(graph, node, 1, w.T.astype(dtype).reshape(old.shape), wt.name or name)
+        if fit.intercept:
+            add, i = _matmul_bias(node)
+            _write(graph, add, i, b, f"{name}_bias")

@@ -1,0 +1,232 @@
+"""QLinearConv / Conv in QDQ form, 2-D, with groups, depthwise, strides, dilations, pads, zero
+points, per-channel weight scales and a fused Relu/Clip clamp epilogue.
+
+Math (see ``reference.qlinear_conv``): ``acc[n,oh,ow,m] = bias[m] + sum_{kh,kw,c} (x[n, ih, iw,
+g*Cg + c] - z_x) * (w[m, c, kh, kw] - z_w[m])`` with ``ih = oh*s_h - pad_top + kh*d_h`` (taps
+outside the input contribute 0: padding holds the real value 0), then the one float32
+requantization ``clamp(rne(float32(acc) * m[m]), lo - z_y, hi - z_y) + z_y``.
+
+Exact by construction: weights are packed once as ``int16(w - z_w)``; each product is formed in
+int32 and summed into an int32 accumulator (no saturating int16 pair sums). Shapes whose
+worst-case accumulator could overflow int32 are refused.
+
+Internal layout: **NHWC** activations (channels innermost, so the innermost loop runs over
+contiguous output channels -- or, for depthwise, contiguous input channels -- and vectorises).
+The wrappers take ``layout="NCHW"`` (ONNX's, transposed in and out) or ``"NHWC"`` (the runtime's,
+no copies). Three kernels, chosen once at packing time:
+
+* ``gemm``: 1x1 kernel, group 1, no padding (any stride): a strided view then the GEMM kernel,
+  ``(N*OH*OW, C) @ (C, M)``;
+* ``depthwise``: ``group == C`` (one input channel per group, any channel multiplier);
+* ``direct``: everything else; weights packed ``(group, KH, KW, Cg, Mg)``.
+
+All parallelise with ``prange`` over output rows ``(n, oh)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import prange
+
+from ._common import (
+    check_array,
+    check_ints,
+    check_layout,
+    check_out,
+    check_out_range,
+    check_scale,
+    check_zero_point,
+    from_nhwc,
+    requant,
+    to_nhwc,
+)
+from .config import jit_parallel
+from .gemm import _qgemm_kernel, check_accumulator
+from .reference import output_size, requant_multiplier
+
+
+@jit_parallel
+def _conv_direct_kernel(x, x_zp, wp, bias, mult, y_zp, lo, hi, sh, sw, pt, pl, dh, dw, out):
+    n_b, h, w, _ = x.shape
+    groups, kh_n, kw_n, cg, mg = wp.shape
+    oh_n, ow_n = out.shape[1], out.shape[2]
+    for r in prange(n_b * oh_n):
+        n = r // oh_n
+        oh = r % oh_n
+        acc = np.empty(mg, np.int32)
+        for ow in range(ow_n):
+            for g in range(groups):
+                for m in range(mg):
+                    acc[m] = bias[g * mg + m]
+                for kh in range(kh_n):
+                    ih = oh * sh - pt + kh * dh
+                    if ih < 0 or ih >= h:
+                        continue
+                    for kw in range(kw_n):
+                        iw = ow * sw - pl + kw * dw
+                        if iw < 0 or iw >= w:
+                            continue
+                        for c in range(cg):
+                            xv = np.int32(x[n, ih, iw, g * cg + c]) - x_zp
+                            if xv != 0:
+                                for m in range(mg):
+                                    acc[m] += xv * np.int32(wp[g, kh, kw, c, m])
+                for m in range(mg):
+                    out[n, oh, ow, g * mg + m] = requant(acc[m], mult[g * mg + m], y_zp, lo, hi) & 0xFF
+
+
+@jit_parallel
+def _conv_depthwise_kernel(x, x_zp, wp, bias, mult, y_zp, lo, hi, sh, sw, pt, pl, dh, dw, out):
+    n_b, h, w, c_n = x.shape
+    kh_n, kw_n, m_n = wp.shape
+    mul = m_n // c_n
+    oh_n, ow_n = out.shape[1], out.shape[2]
+    for r in prange(n_b * oh_n):
+        n = r // oh_n
+        oh = r % oh_n
+        acc = np.empty(m_n, np.int32)
+        for ow in range(ow_n):
+            for m in range(m_n):
+                acc[m] = bias[m]
+            for kh in range(kh_n):
+                ih = oh * sh - pt + kh * dh
+                if ih < 0 or ih >= h:
+                    continue
+                for kw in range(kw_n):
+                    iw = ow * sw - pl + kw * dw
+                    if iw < 0 or iw >= w:
+                        continue
+                    if mul == 1:
+                        for c in range(c_n):
+                            acc[c] += (np.int32(x[n, ih, iw, c]) - x_zp) * np.int32(wp[kh, kw, c])
+                    else:
+                        for c in range(c_n):
+                            xv = np.int32(x[n, ih, iw, c]) - x_zp
+                            for j in range(mul):
+                                acc[c * mul + j] += xv * np.int32(wp[kh, kw, c * mul + j])
+            for m in range(m_n):
+                out[n, oh, ow, m] = requant(acc[m], mult[m], y_zp, lo, hi) & 0xFF
+
+
+@dataclass(frozen=True)
+class QConvParams:
+    """Everything constant about one quantized convolution, validated and packed once."""
+
+    kind: str  # "gemm" | "depthwise" | "direct"
+    x_dtype: np.dtype
+    x_zp: int
+    in_channels: int
+    kernel_shape: tuple[int, int]
+    packed_w: np.ndarray  # int16, layout depends on kind (see the module docstring)
+    bias: np.ndarray  # int32 (M,)
+    multiplier: np.ndarray  # float32 (M,)
+    y_dtype: np.dtype
+    y_zp: int
+    lo: int
+    hi: int
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+    group: int
+
+    @property
+    def out_channels(self) -> int:
+        return self.bias.shape[0]
+
+    def output_shape_nhwc(self, x_shape) -> tuple[int, int, int, int]:
+        n, h, w, _ = x_shape
+        oh = output_size(h, self.kernel_shape[0], self.strides[0], self.pads[0], self.pads[2], self.dilations[0])
+        ow = output_size(w, self.kernel_shape[1], self.strides[1], self.pads[1], self.pads[3], self.dilations[1])
+        return n, oh, ow, self.out_channels
+
+
+def prepare_qconv(
+    x_dtype, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias=None, *,
+    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, out_range=None,
+) -> QConvParams:
+    """Validate the constant operands of a QLinearConv and pack its weights for the kernel."""
+    x_dtype = np.dtype(x_dtype)
+    if x_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        raise TypeError(f"x must have dtype uint8 or int8, got {x_dtype}")
+    if np.asarray(x_zp).dtype != x_dtype:
+        raise TypeError(f"x_zero_point dtype {np.asarray(x_zp).dtype} differs from x's dtype {x_dtype}")
+    zx = check_zero_point("x_zero_point", x_zp)
+    w = check_array("w", w, ndim=4)
+    m_n, cg, kh, kw = w.shape
+    if min(w.shape) == 0:
+        raise ValueError(f"w must be non-empty, got shape {w.shape}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise ValueError(f"group must be a positive integer, got {group!r}")
+    group = int(group)
+    if m_n % group:
+        raise ValueError(f"w: {m_n} output channels are not divisible by group={group}")
+    strides = check_ints("strides", strides, 2, 1)
+    dilations = check_ints("dilations", dilations, 2, 1)
+    pads = check_ints("pads", pads, 4, 0)
+    zw = check_zero_point("w_zero_point", w_zp, dtypes=(w.dtype,), size=m_n)
+    sx = check_scale("x_scale", x_scale)
+    sw = check_scale("w_scale", w_scale, size=m_n)
+    sy = check_scale("y_scale", y_scale)
+    zy = check_zero_point("y_zero_point", y_zp)
+    y_dtype = np.asarray(y_zp).dtype
+    lo, hi = check_out_range(out_range, y_dtype)
+    if bias is None:
+        bias_arr = np.zeros(m_n, np.int32)
+    else:
+        bias_arr = check_array("bias", bias, dtypes=(np.int32,), ndim=1)
+        if bias_arr.shape != (m_n,):
+            raise ValueError(f"bias must have shape ({m_n},), got {bias_arr.shape}")
+        bias_arr = np.ascontiguousarray(bias_arr)
+    check_accumulator("w", cg * kh * kw, bias_arr)
+    ws = w.astype(np.int16) - zw.astype(np.int16).reshape(-1, 1, 1, 1)  # (M, Cg, KH, KW)
+    c_n = cg * group
+    if kh == kw == 1 and group == 1 and pads == (0, 0, 0, 0):
+        kind, packed = "gemm", ws[:, :, 0, 0].T
+    elif group == c_n and cg == 1:
+        kind, packed = "depthwise", ws[:, 0].transpose(1, 2, 0)  # (KH, KW, M)
+    else:
+        kind, packed = "direct", ws.reshape(group, m_n // group, cg, kh, kw).transpose(0, 3, 4, 2, 1)
+    mult = requant_multiplier(sx[0], sw, sy[0])
+    return QConvParams(kind, x_dtype, int(zx[0]), c_n, (kh, kw), np.ascontiguousarray(packed), bias_arr, mult,
+                       y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group)
+
+
+def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Run a packed convolution on an NHWC activation; returns (or fills) the NHWC output."""
+    check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
+    if x.shape[3] != params.in_channels:
+        raise ValueError(f"x must have {params.in_channels} channels (NHWC axis 3), got shape {x.shape}")
+    shape = params.output_shape_nhwc(x.shape)
+    if shape[1] < 1 or shape[2] < 1:
+        raise ValueError(f"x of shape {x.shape} is too small for the kernel/padding (output {shape})")
+    y = check_out("out", out, shape, params.y_dtype)
+    x = np.ascontiguousarray(x)
+    sh, sw = params.strides
+    pt, pl = params.pads[0], params.pads[1]
+    dh, dw = params.dilations
+    if params.kind == "gemm":
+        xs = x if (sh, sw) == (1, 1) else np.ascontiguousarray(x[:, ::sh, ::sw, :])
+        _qgemm_kernel(xs.reshape(-1, params.in_channels), params.x_zp, params.packed_w, params.bias,
+                      params.multiplier, params.y_zp, params.lo, params.hi,
+                      y.view(np.uint8).reshape(-1, params.out_channels))
+    elif params.kind == "depthwise":
+        _conv_depthwise_kernel(x, params.x_zp, params.packed_w, params.bias, params.multiplier, params.y_zp,
+                               params.lo, params.hi, sh, sw, pt, pl, dh, dw, y.view(np.uint8))
+    else:
+        _conv_direct_kernel(x, params.x_zp, params.packed_w, params.bias, params.multiplier, params.y_zp,
+                            params.lo, params.hi, sh, sw, pt, pl, dh, dw, y.view(np.uint8))
+    return y
+
+
+def qlinear_conv(
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias=None, *,
+    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, out_range=None, layout="NCHW",
+) -> np.ndarray:
+    """One-shot QLinearConv, bit-exact with ``reference.qlinear_conv`` (which is NCHW)."""
+    check_layout(layout)
+    check_array("x", x, ndim=4)
+    params = prepare_qconv(x.dtype, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias, strides=strides,
+                           pads=pads, dilations=dilations, group=group, out_range=out_range)
+    return from_nhwc(run_qconv(params, to_nhwc(x, layout)), layout)

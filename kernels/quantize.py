@@ -1,0 +1,116 @@
+"""QuantizeLinear, DequantizeLinear and Requantize (``Q(DQ(q))``), per tensor or per axis.
+
+Math (see ``reference``): ``q = clamp(rne(x / s), lo - z, hi - z) + z`` with one float32 IEEE
+division (NaN -> ``z``); ``x = float32(int32(q) - z) * s``. Requantize is the composition, in
+float32, exactly as the Q/DQ pair evaluates in ONNX Runtime.
+
+The tensor is viewed as ``(outer, C, inner)`` around the quantization axis (``C = 1`` per tensor)
+and the kernels parallelise over ``outer * C`` rows. Any layout: these are element-wise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._common import QTYPES, check_array, check_out_range, check_scale, check_zero_point, rne_clamped
+from .config import jit_parallel
+
+
+@jit_parallel
+def _quantize_kernel(x3, scale, zp, lo, hi, out3):
+    outer, c_n, inner = x3.shape
+    for r in prange(outer * c_n):
+        o = r // c_n
+        c = r % c_n
+        s = scale[c]
+        z = zp[c]
+        lo_f = np.float32(lo - z)
+        hi_f = np.float32(hi - z)
+        for i in range(inner):
+            out3[o, c, i] = (rne_clamped(x3[o, c, i] / s, lo_f, hi_f) + z) & 0xFF
+
+
+@jit_parallel
+def _dequantize_kernel(q3, scale, zp, out3):
+    outer, c_n, inner = q3.shape
+    for r in prange(outer * c_n):
+        o = r // c_n
+        c = r % c_n
+        s = scale[c]
+        z = zp[c]
+        for i in range(inner):
+            out3[o, c, i] = np.float32(np.int32(q3[o, c, i]) - z) * s
+
+
+@jit_parallel
+def _requantize_kernel(q, sx, zx, sy, zy, lo, hi, out):
+    lo_f = np.float32(lo - zy)
+    hi_f = np.float32(hi - zy)
+    for i in prange(q.shape[0]):
+        f = np.float32(np.int32(q[i]) - zx) * sx
+        out[i] = (rne_clamped(f / sy, lo_f, hi_f) + zy) & 0xFF
+
+
+def _axis_view(x: np.ndarray, per_axis: bool, axis: int) -> tuple[np.ndarray, int]:
+    if not per_axis:
+        return x.reshape(1, 1, -1), 1
+    if x.ndim == 0:
+        raise ValueError("a per-axis scale needs a tensor with at least one dimension")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {x.ndim}")
+    axis %= x.ndim
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return x.reshape(outer, x.shape[axis], -1), x.shape[axis]
+
+
+def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None) -> np.ndarray:
+    """ONNX QuantizeLinear (float32 in; uint8/int8 out, the zero point's dtype). A 1-D ``scale``
+    quantizes per ``axis``; bit-exact with ``reference.quantize_linear``."""
+    check_array("x", x, dtypes=(np.float32,))
+    per_axis = np.ndim(scale) == 1
+    x3, c_n = _axis_view(np.ascontiguousarray(x), per_axis, axis)
+    s = check_scale("scale", scale, size=c_n if per_axis else None)
+    z = check_zero_point("zero_point", zero_point, size=c_n if per_axis else None)
+    if per_axis and np.ndim(zero_point) != 1:
+        raise ValueError("zero_point must be 1-D when scale is 1-D")
+    dtype = np.asarray(zero_point).dtype
+    lo, hi = check_out_range(out_range, dtype)
+    out = np.empty(x.shape, dtype)
+    _quantize_kernel(x3, s, z, lo, hi, out.view(np.uint8).reshape(x3.shape))
+    return out
+
+
+def dequantize_linear(q, scale, zero_point=None, *, axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear (uint8/int8/int32 in, float32 out); bit-exact with the reference."""
+    check_array("q", q, dtypes=QTYPES + (np.dtype(np.int32),))
+    per_axis = np.ndim(scale) == 1
+    q3, c_n = _axis_view(np.ascontiguousarray(q), per_axis, axis)
+    s = check_scale("scale", scale, size=c_n if per_axis else None)
+    if zero_point is None:
+        z = np.zeros(c_n, np.int32)
+    else:
+        if np.asarray(zero_point).dtype != q.dtype:
+            raise TypeError(f"zero_point dtype {np.asarray(zero_point).dtype} differs from q's dtype {q.dtype}")
+        z = check_zero_point("zero_point", zero_point, dtypes=(q.dtype,), size=c_n if per_axis else None)
+    out = np.empty(q.shape, np.float32)
+    _dequantize_kernel(q3, s, z, out.reshape(q3.shape))
+    return out
+
+
+def requantize(q, x_scale, x_zp, y_scale, y_zp, *, out_range=None) -> np.ndarray:
+    """``Q(DQ(q))`` from per-tensor ``(x_scale, x_zp)`` to ``(y_scale, y_zp)``; also the standalone
+    Relu/Clip clamp when the scales are equal."""
+    check_array("q", q)
+    if np.asarray(x_zp).dtype != q.dtype:
+        raise TypeError(f"x_zero_point dtype {np.asarray(x_zp).dtype} differs from q's dtype {q.dtype}")
+    zx = check_zero_point("x_zero_point", x_zp)
+    zy = check_zero_point("y_zero_point", y_zp)
+    sx = check_scale("x_scale", x_scale)
+    sy = check_scale("y_scale", y_scale)
+    dtype = np.asarray(y_zp).dtype
+    lo, hi = check_out_range(out_range, dtype)
+    out = np.empty(q.shape, dtype)
+    _requantize_kernel(np.ascontiguousarray(q).reshape(-1), sx[0], int(zx[0]), sy[0], int(zy[0]), lo, hi,
+                       out.view(np.uint8).reshape(-1))
+    return out
