@@ -265,6 +265,48 @@ def imagenet_batch(*, flips: bool = True, limit: int | None = None) -> np.ndarra
     return batch
 
 
+#: (short side, crop offset as fractions of the free margin, mirrored) of each view
+IMAGENET_VIEWS = (
+    (256, (0.5, 0.5), False),
+    (256, (0.5, 0.5), True),
+    (256, (0.0, 0.0), False),
+    (256, (1.0, 1.0), True),
+    (320, (0.5, 0.5), False),
+    (288, (0.0, 1.0), True),
+)
+
+
+def imagenet_view(rgb: np.ndarray, short_side: int, offset: tuple[float, float], flip: bool, crop: int = 224) -> np.ndarray:
+    """One 3x224x224 view: resize short side, crop at ``offset`` of the margins, mirror, normalise."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    w, h = image.size
+    scale = short_side / min(w, h)
+    size = (max(crop, int(round(w * scale))), max(crop, int(round(h * scale))))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = int(round((size[0] - crop) * offset[0])), int(round((size[1] - crop) * offset[1]))
+    x = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0
+    if flip:
+        x = x[:, ::-1]
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def imagenet_views(photos: tuple[int, ...], views: int = len(IMAGENET_VIEWS)) -> np.ndarray:
+    """Nx3x224x224 float32 (read-only): the first ``views`` of :data:`IMAGENET_VIEWS` of each photo
+    index in ``photos`` (indices into :func:`photo_paths`), photo-major."""
+    paths = photo_paths()
+    out = []
+    for i in photos:
+        rgb = load_rgb(paths[i])
+        out += [imagenet_view(rgb, *v) for v in IMAGENET_VIEWS[:views]]
+    batch = np.stack(out).astype(np.float32)
+    batch.setflags(write=False)
+    return batch
+
+
 # --------------------------------------------------------------------------- text images
 
 

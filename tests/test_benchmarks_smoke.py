@@ -6,6 +6,10 @@ warm-up, and checks the JSON it writes: every key the README documents, positive
 node counts that make sense (nothing grows; BatchNormalization gone when BN folding is in the
 default pipeline; the result verified). Timings themselves are not asserted: they belong to the
 benchmark, not to a unit test on a shared machine.
+
+It also pins the fast paths the benchmark drove into ``ir/``: shape inference on a weightless copy
+gives exactly onnx's own result, and ``file_size`` computed without encoding the weights equals
+``ModelProto.ByteSize()`` byte for byte.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ pytest.importorskip("onnxslim")
 from benchmarks import bench_lossless  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
 
 
-def test_bench_lossless_main_writes_sane_json(tmp_path, capsys):
+SMALL = ["--model", "resnet18", "--width", "8", "--input-size", "32", "--num-classes", "10"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def test_bench_lossless_main_writes_sane_json(tmp_path, cache_dir, capsys):
     out = tmp_path / "bench.json"
     code = bench_lossless.main([
-        "--model", "resnet18", "--width", "8", "--input-size", "32", "--num-classes", "10",
-        "--repeats", "1", "--warmup", "0", "--cache", str(tmp_path / "cache"), "--json", str(out),
+        *SMALL, "--repeats", "1", "--warmup", "0", "--cache", str(cache_dir), "--json", str(out),
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -58,3 +69,22 @@ def test_bench_lossless_main_writes_sane_json(tmp_path, capsys):
         assert counts["ours"]["batchnorm_left"] == 0
         assert counts["ours"]["nodes"] == original["nodes"] - 20
     assert result["verification"]["passed"] is True
+
+
+def test_weightless_fast_paths_are_exact(cache_dir):
+    import onnx
+
+    from benchmarks.models import resnet_onnx
+    from onnx_compress.ir.stats import file_size
+    from onnx_compress.ir.validate import infer_shapes, stripped_initializers, weightless_copy
+
+    model = onnx.load(str(resnet_onnx("resnet18", input_size=32, width=8, num_classes=10, cache_dir=cache_dir)))
+    stripped = stripped_initializers(model)
+    assert len(stripped) >= 20  # the conv weights at least: the fast path is really taken
+    light = weightless_copy(model)
+    assert light.ByteSize() < model.ByteSize() / 10
+    assert all(not light.graph.initializer[i].raw_data for i in stripped)
+    assert [t.dims for t in light.graph.initializer] == [t.dims for t in model.graph.initializer]
+
+    assert file_size(model) == model.ByteSize()
+    assert infer_shapes(model, data_prop=True) == onnx.shape_inference.infer_shapes(model, data_prop=True)
