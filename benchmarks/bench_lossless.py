@@ -18,6 +18,9 @@ ours, onnxslim, and ONNX Runtime at ``ORT_ENABLE_BASIC`` (``SessionOptions.optim
 saves the graph ORT would run; BASIC is ORT's set of semantics-preserving, provider-independent
 rewrites: constant folding, redundant node elimination, Conv+BN/Mul/Add fusions).
 
+``CPU s`` is the median CPU time of the process (all threads) over the same runs: on a machine
+busy with other work it is steadier than wall time.
+
 Targets (issue 2): ``ours <= 5 s`` wall and ``ours <= 2 x onnxslim``. The last line printed is a
 verdict; ``--strict`` makes the exit status 1 when a target is missed.
 
@@ -171,15 +174,17 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.warmup):
             run_ours(src, ours_out)
             run_onnxslim(src, slim_out)
-        ours_times, slim_times = [], []
+        ours_times, slim_times, ours_cpu, slim_cpu = [], [], [], []
         compressed = report = None
         for _ in range(args.repeats):  # interleaved, so drift hits both tools alike
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             compressed, report = run_ours(src, ours_out)
             ours_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            ours_cpu.append(time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             run_onnxslim(src, slim_out)
             slim_times.append(time.perf_counter() - t0)
+            slim_cpu.append(time.process_time() - c0)
         verify_median, verify_times, verification = _median_time(
             lambda: run_verify(original, compressed), args.repeats
         )
@@ -221,6 +226,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ours_plus_verify": ours_median + verify_median,
             "onnxslim": slim_median,
             "ort_basic_session": ort_median,
+            "cpu": {"ours": statistics.median(ours_cpu), "onnxslim": statistics.median(slim_cpu)},
             "ours_stages_last_run": {
                 **report.seconds,
                 "stats_and_save": ours_times[-1] - sum(report.seconds.values()),
@@ -254,12 +260,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"load average before/after {result['machine']['load_average_before_after']}",
         f"pipeline: {', '.join(result['pipeline'])}",
         "",
-        f"{'':30} {'seconds':>9} {'nodes':>7} {'BN left':>8}",
+        f"{'':30} {'seconds':>9} {'nodes':>7} {'BN left':>8} {'CPU s':>7}",
         f"{'original':30} {'':>9} {c['original']['nodes']:>7} {c['original']['batchnorm_left']:>8}",
-        f"{'onnx-compress (--no-verify)':30} {s['ours']:>9.3f} {c['ours']['nodes']:>7} {c['ours']['batchnorm_left']:>8}",
+        f"{'onnx-compress (--no-verify)':30} {s['ours']:>9.3f} {c['ours']['nodes']:>7} {c['ours']['batchnorm_left']:>8} {s['cpu']['ours']:>7.3f}",
         f"{'  + verification (2 ORT runs)':30} {s['verify']:>9.3f}",
         f"{'  = onnx-compress IN OUT':30} {s['ours_plus_verify']:>9.3f}",
-        f"{'onnxslim ' + result['versions']['onnxslim']:30} {s['onnxslim']:>9.3f} {c['onnxslim']['nodes']:>7} {c['onnxslim']['batchnorm_left']:>8}",
+        f"{'onnxslim ' + result['versions']['onnxslim']:30} {s['onnxslim']:>9.3f} {c['onnxslim']['nodes']:>7} {c['onnxslim']['batchnorm_left']:>8} {s['cpu']['onnxslim']:>7.3f}",
         f"{'ORT ENABLE_BASIC (session)':30} {s['ort_basic_session']:>9.3f} {c['ort_basic']['nodes']:>7} {c['ort_basic']['batchnorm_left']:>8}",
         "",
         "op histograms after:",

@@ -21,8 +21,10 @@ channels are folded into the bias. (With padding the contribution is not constan
 the fit then takes the best constant.) Layers without a bias slot (a MatMul not followed by a
 per-feature Add) are fitted without intercept, ``A = (E[x_K x_K^T] + lam I)^{-1} E[x_K (W x)^T]``.
 
-The statistics are sums over rows accumulated batch by batch (``sum x_K``, ``sum W x``,
-``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count), so memory is ``O(|K|^2 + |K| C_out)`` per
+The statistics are sums over rows accumulated batch by batch in float64 (``sum x_K``,
+``sum W x``, ``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count), each taken of the data minus a
+fixed shift (the first batch's means: centring ``E[x x^T] - mu mu^T`` then cancels nothing large;
+the raw moments follow by adding the shift back), so memory is ``O(|K|^2 + |K| C_out)`` per
 layer whatever the number of samples. ``rows_per_sample`` optionally subsamples output positions
 (seeded) to bound time on large feature maps.
 
@@ -119,7 +121,8 @@ class LayerFit:
         self.sum_y = np.zeros(out)
         self.xx = np.zeros((k, k))
         self.xy = np.zeros((k, out))
-        self._w32 = np.ascontiguousarray(self.w2d.T, dtype=np.float32)
+        self._shift_x: np.ndarray | None = None
+        self._shift_y: np.ndarray | None = None
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -133,33 +136,39 @@ class LayerFit:
             rng = rng or np.random.default_rng(0)
             pick = rng.choice(rows.shape[0], rows_per_sample * x.shape[0], replace=False)
             rows = rows[np.sort(pick)]
-        y = rows @ self._w32  # W x, bias excluded
-        xk = np.ascontiguousarray(rows[:, self.col_keep])
+        rows = rows.astype(np.float64)
+        y = rows @ self.w2d.T  # W x, bias excluded
+        xk = rows[:, self.col_keep]
+        if self._shift_x is None:  # shifted moments: no cancellation when centring (docstring)
+            self._shift_x, self._shift_y = xk.mean(axis=0), y.mean(axis=0)
+        xk = xk - self._shift_x
+        y = y - self._shift_y
         self.n += rows.shape[0]
-        self.sum_x += xk.sum(axis=0, dtype=np.float64)
-        self.sum_y += y.sum(axis=0, dtype=np.float64)
-        self.xx += (xk.T @ xk).astype(np.float64)
-        self.xy += (xk.T @ y).astype(np.float64)
+        self.sum_x += xk.sum(axis=0)
+        self.sum_y += y.sum(axis=0)
+        self.xx += xk.T @ xk
+        self.xy += xk.T @ y
 
     def solve(self, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
         """(weights ``[C_out, |K|]``, bias ``[C_out]``) in the original output order."""
         if self.n == 0:
             raise ValueError(f"no calibration rows reached '{self.node.name}'")
         k = self.xx.shape[0]
+        mx, my = self.sum_x / self.n, self.sum_y / self.n  # means of the shifted data
         if self.intercept:
-            mx, my = self.sum_x / self.n, self.sum_y / self.n
             s = self.xx / self.n - np.outer(mx, mx)
             r = self.xy / self.n - np.outer(mx, my)
-        else:
-            s, r = self.xx / self.n, self.xy / self.n
+        else:  # raw moments: undo the shift
+            sx, sy = self._shift_x, self._shift_y
+            s = self.xx / self.n + np.outer(mx, sx) + np.outer(sx, mx) + np.outer(sx, sx)
+            r = self.xy / self.n + np.outer(mx, sy) + np.outer(sx, my) + np.outer(sx, sy)
         lam = ridge * max(float(np.trace(s)) / max(k, 1), 1e-12)
         a = np.linalg.solve(s + lam * np.eye(k), r)  # [K, C_out]
-        w = a.T
         if self.intercept:
-            b = my + self.bias - mx @ a
+            b = (my + self._shift_y) + self.bias - (mx + self._shift_x) @ a
         else:
             b = self.bias.copy()
-        return w, b
+        return a.T, b
 
 
 def _weight_matrix(node: gs.Node) -> tuple[str, np.ndarray] | None:
@@ -245,8 +254,6 @@ def plan_fits(dg: DependencyGraph, masks: dict[int, np.ndarray]) -> list[LayerFi
             if b is None or float(node.attrs.get("beta", 1.0)) != 1.0 or np.asarray(b).size not in (1, w2d.shape[0]):
                 continue
             bias = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(-1), (w2d.shape[0],)).copy()
-        elif node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
-            continue
         elif node.op == "MatMul":
             slot = _matmul_bias(node)
             if slot is None:

@@ -620,11 +620,12 @@ class FlattenRule(ChannelRule):
                 raise Barrier("axis 0 merges several input axes")
             ctx.link(ctx.dim(x, 0), None, ctx.dim(y, 0), None)
             return
-        shape = static_shape(x)
-        if shape is None:
-            raise Barrier(f"shape of '{x.name}' is not static")
-        inner = int(np.prod(shape[f + 1 :], dtype=np.int64))
-        c = shape[f]
+        shape = x.shape if not isinstance(x, gs.Constant) else x.values.shape
+        tail = [ctx.axis_size(x, a) for a in range(f, r)]
+        if shape is None or any(d is None for d in tail):
+            raise Barrier(f"shape of '{x.name}' from axis {f} on is not static")
+        inner = int(np.prod(tail[1:], dtype=np.int64))
+        c = tail[0]
         features = c * inner
         ctx.link(ctx.dim(y, 1), np.arange(features), ctx.dim(x, f), np.arange(features) // inner)
 

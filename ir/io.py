@@ -170,19 +170,48 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The model file and the external data files it names: none may be written over."""
+    files = [path]
+    if not path.is_file():
+        return files
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: loading will say so; protect the file itself
+        return files
+    for tensor in iter_tensors(model.graph):
+        location = _external_location(tensor)
+        if location:
+            files.append(path.parent / location)
+    return files
+
+
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse output paths that would overwrite an input or cannot be written; return it resolved."""
+    """Refuse output paths that would overwrite an input or cannot be written; return it resolved.
+
+    An input is the model file and its external data files; the output's own data file
+    (``OUT.data``, written with external data) must not be one of them either.
+    """
     out = Path(output)
     folder = out.parent if str(out.parent) else Path(".")
+    out_data = folder / (out.name + ".data")
     for inp in inputs:
         if inp is None:
             continue
-        inp_path = Path(inp)
-        same = out.resolve() == inp_path.resolve()
-        if not same and out.exists() and inp_path.exists():
-            same = os.path.samefile(out, inp_path)
-        if same:
-            raise OutputPathError(f"output path {out} is the input file; refusing to overwrite the input")
+        for index, protected in enumerate(_input_files(Path(inp))):
+            what = "the input file" if index == 0 else f"external data {protected} of the input"
+            if _same_file(out, protected):
+                raise OutputPathError(f"output path {out} is {what}; refusing to overwrite the input")
+            if _same_file(out_data, protected):
+                raise OutputPathError(
+                    f"output data file {out_data} is {what}; refusing to overwrite the input"
+                )
     if out.exists() and out.is_dir():
         raise OutputPathError(f"output path {out} is a folder")
     if not folder.is_dir():

@@ -26,7 +26,6 @@ from ._common import (
     check_zero_point,
     from_nhwc,
     requant,
-    rne_clamped,
     to_nhwc,
 )
 from .config import jit_parallel

@@ -218,7 +218,8 @@ def _run_inspect(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps({**stats.as_dict(), "bytes": file_size(model)}, indent=2))
         return EXIT_OK
-    print(f"{args.input}: opset {stats.opset}, IR {model.ir_version}, producer '{model.producer_name} {model.producer_version}'".rstrip())
+    producer = f"{model.producer_name} {model.producer_version}".strip()
+    print(f"{args.input}: opset {stats.opset}, IR {model.ir_version}, producer '{producer}'")
     print(f"nodes {stats.nodes}, parameters {_human(stats.parameters)}, MACs {_human(stats.macs)}"
           + (" (symbolic dims = 1)" if stats.macs_symbolic else "") + f", size {_bytes(file_size(model))}")
     for kind, values in (("input", stats.inputs), ("output", stats.outputs)):

@@ -41,8 +41,18 @@ from .passes.calibration import (
     compute_range,
     load_calibration,
 )
+from .passes.bias_correction import apply_biases, empirical_bias_correction
+from .passes.cross_layer_equalization import CrossLayerEqualizationPass
 from .passes.insert_qdq import DEFAULT_OP_TYPES, InsertQDQPass, QuantConfig, plan_quantization
-from .passes.quant_report import KernelReport, LayerSensitivity, ort_kernel_report, per_layer_sqnr
+from .passes.quant_report import (
+    Agreement,
+    KernelReport,
+    LayerSensitivity,
+    agreement,
+    ort_kernel_report,
+    per_layer_sqnr,
+    run_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,14 @@ class QuantReport:
     kernels: KernelReport | None = None
     sensitivity: list[LayerSensitivity] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: cross-layer equalization: pairs equalized (None: not run)
+    cle_pairs: int | None = None
+    #: bias correction: node -> largest per-channel mean shift removed (None: not run)
+    bias_shifts: dict[str, float] | None = None
+    #: layers kept in float by mixed precision (most sensitive first)
+    float_layers: list[str] = field(default_factory=list)
+    #: agreement with FP32 on the held-back split (None: no split)
+    holdout: Agreement | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,13 +101,19 @@ class QuantReport:
                 {"node": s.node, "op": s.op, "sqnr_db": s.sqnr_db, "agreement": s.agreement} for s in self.sensitivity
             ],
             "seconds": self.seconds,
+            "cle_pairs": self.cle_pairs,
+            "bias_correction": self.bias_shifts,
+            "float_layers": self.float_layers,
+            "holdout_agreement": None if self.holdout is None else self.holdout.as_dict(),
         }
 
     def summary(self) -> str:
         kernels = "" if self.kernels is None else f"; ORT kernels: {self.kernels.summary()}"
+        held = "" if self.holdout is None else f"; held-back {self.holdout.summary()}"
+        floats = f", {len(self.float_layers)} kept float" if self.float_layers else ""
         return (
-            f"{len(self.quantized_nodes)} nodes quantized ({self.method}, {self.samples} samples), "
-            f"{self.size_before} -> {self.size_after} bytes{kernels}"
+            f"{len(self.quantized_nodes)} nodes quantized{floats} ({self.method}, {self.samples} samples), "
+            f"{self.size_before} -> {self.size_after} bytes{held}{kernels}"
         )
 
 
@@ -125,6 +149,10 @@ def quantize(
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     percentile: float = 99.999,
+    cle: bool = True,
+    bias_correction: bool = True,
+    min_agreement: float | None = None,
+    holdout: float | int | None = None,
     batch_size: int = 16,
     max_samples: int | None = None,
     preprocessing: ImagePreprocessing | None = None,
@@ -137,10 +165,18 @@ def quantize(
 
     ``calib``: an ``.npz`` path (arrays stacked on axis 0), a folder of ``.npz`` feeds, a folder of
     images (see ``preprocessing``), a dict of stacked arrays, or any iterable of feed dicts.
+    ``cle``: cross-layer equalization of the float model first (exact). ``bias_correction``:
+    empirical bias correction on the calibration part (needs re-iterable data).
+    ``holdout``: the last feeds held back from calibration (a fraction < 1 or a count; default 0.25
+    when ``min_agreement`` is set, else none); the report gives agreement with FP32 on them.
+    ``min_agreement``: keep the most sensitive layers (lowest one-layer SQNR on the held-back
+    split) in float until top-1 agreement on the held-back split reaches it.
     ``sensitivity_feeds``: when given, per-layer SQNR on these feeds is added to the report.
     """
     if method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+    if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     config = QuantConfig(
         activations=activations, symmetric=symmetric, per_channel=per_channel, weight_bits=weight_bits,
         op_types=frozenset(op_types) if op_types is not None else DEFAULT_OP_TYPES, exclude=tuple(exclude),
@@ -150,15 +186,32 @@ def quantize(
     original = ir_io.load_model(model)
     size_before = file_size(original)
     float_model = prepare_float_model(original, fold=fold)
+    cle_pairs = None
+    if cle:
+        result = CrossLayerEqualizationPass().call(to_graph(float_model))
+        cle_pairs = result.changes
+        if result.modified:
+            float_model = to_model(result.graph, like=float_model)
     seconds["prepare"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     plan = plan_quantization(to_graph(float_model), config)
     inputs = [i.name for i in float_model.graph.input if i.name not in {t.name for t in float_model.graph.initializer}]
     data = load_calibration(calib, input_names=inputs, preprocessing=preprocessing)
+    if max_samples is not None:
+        data = data.take(max_samples)
+    held = None
+    if holdout is None and min_agreement is not None:
+        holdout = 0.25
+    if holdout:
+        if data.size is None:
+            raise ValueError("a held-back split needs calibration data of known size (a list, .npz or folder)")
+        count = int(round(holdout * data.size)) if holdout < 1 else int(holdout)
+        count = max(1, min(count, data.size - 1))
+        data, held = data.split(count)
+        held = list(held)
     collector = collect_statistics(
-        float_model, data, plan.quantized, histogram=method != "minmax", batch_size=batch_size,
-        max_samples=max_samples, progress=progress,
+        float_model, data, plan.quantized, histogram=method != "minmax", batch_size=batch_size, progress=progress,
     )
     ranges = {}
     for name, stats in collector.stats.items():
@@ -169,21 +222,82 @@ def quantize(
         )
     seconds["calibrate"] = time.perf_counter() - t0
 
+    def insert(excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, InsertQDQPass, Any]:
+        source = float_model
+        if biases:
+            source = apply_biases(float_model, {k: v for k, v in biases.items() if k not in set(excluded)})
+        qdq = InsertQDQPass(ranges, config.replace(exclude=config.exclude + tuple(excluded)))
+        result = qdq.call(to_graph(source))
+        out = to_model(result.graph, like=float_model)
+        del out.graph.value_info[:]
+        return out, qdq, result
+
     t0 = time.perf_counter()
-    graph = to_graph(float_model)
-    qdq = InsertQDQPass(ranges, config)
-    result = qdq.call(graph)
-    quantized = to_model(result.graph, like=float_model)
-    del quantized.graph.value_info[:]
-    validate_model(quantized, origin="quantized model", shape_inference=False)
+    biases: dict = {}
+    quantized, qdq, result = insert()
     seconds["insert"] = time.perf_counter() - t0
+
+    bias_shifts = None
+    if bias_correction:
+        t0 = time.perf_counter()
+        if data.size is None:
+            logger.warning("bias correction skipped: the calibration data can be read only once")
+        else:
+            _, bias_shifts, biases = empirical_bias_correction(
+                float_model, quantized, data, batch_size=batch_size, progress=progress
+            )
+            quantized, qdq, result = insert()
+        seconds["bias_correction"] = time.perf_counter() - t0
+
+    held_agreement = None
+    float_layers: list[str] = []
+    sensitivity = None
+    if held is not None:
+        t0 = time.perf_counter()
+        reference = run_outputs(float_model, held)
+        held_agreement = agreement(reference, run_outputs(quantized, held))
+        if min_agreement is not None and (held_agreement.top1 or 0.0) < min_agreement:
+            if held_agreement.top1 is None:
+                raise ValueError("min_agreement needs a model whose first output is a vector of class scores")
+            sensitivity = per_layer_sqnr(float_model, ranges, held, config=config, progress=progress)
+            order = [s.node for s in sensitivity]
+
+            def trial(k: int):
+                model_k, qdq_k, result_k = insert(order[:k])
+                return model_k, qdq_k, result_k, agreement(reference, run_outputs(model_k, held))
+
+            # exponential search for the smallest k that meets the bar, then bisection
+            best, lo, k = None, 0, 1
+            while k <= len(order):
+                attempt = trial(k)
+                if (attempt[3].top1 or 0.0) >= min_agreement:
+                    best = (k, attempt)
+                    break
+                lo, k = k, k * 2
+            if best is None and lo < len(order):
+                attempt = trial(len(order))
+                best = (len(order), attempt) if (attempt[3].top1 or 0.0) >= min_agreement else None
+            if best is not None:
+                hi = best[0]
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    attempt = trial(mid)
+                    if (attempt[3].top1 or 0.0) >= min_agreement:
+                        best, hi = (mid, attempt), mid
+                    else:
+                        lo = mid
+                k, (quantized, qdq, result, held_agreement) = best
+                float_layers = order[:k]
+            else:
+                logger.warning("min_agreement %.3f not reached even with every layer in float", min_agreement)
+        seconds["mixed_precision"] = time.perf_counter() - t0
+    validate_model(quantized, origin="quantized model", shape_inference=False)
 
     kernels = None
     if report_kernels:
         t0 = time.perf_counter()
         kernels = ort_kernel_report(quantized)
         seconds["kernel_report"] = time.perf_counter() - t0
-    sensitivity = None
     if sensitivity_feeds is not None:
         t0 = time.perf_counter()
         sensitivity = per_layer_sqnr(float_model, ranges, list(sensitivity_feeds), config=config, progress=progress)
@@ -200,6 +314,10 @@ def quantize(
         kernels=kernels,
         sensitivity=sensitivity,
         seconds=seconds,
+        cle_pairs=cle_pairs,
+        bias_shifts=bias_shifts,
+        float_layers=float_layers,
+        holdout=held_agreement,
     )
     logger.info("%s", report.summary())
     return quantized, report

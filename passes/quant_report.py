@@ -236,6 +236,41 @@ def per_layer_sqnr(
     return results
 
 
+@dataclass
+class Agreement:
+    """How closely a quantized model follows FP32 on some feeds.
+
+    ``top1``: fraction of rows (last axis of the first output, as class scores) whose argmax is
+    FP32's (None when the first output is not a score vector); ``cosine``: mean over rows of
+    ``<y, y_q> / (|y| |y_q|)`` of the first output flattened per row (1 when identical).
+    """
+
+    top1: float | None
+    cosine: float
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "cosine": self.cosine, "samples": self.samples}
+
+    def summary(self) -> str:
+        top1 = "n/a" if self.top1 is None else f"{100 * self.top1:.1f} %"
+        return f"top-1 agreement {top1}, cosine {self.cosine:.4f} on {self.samples} rows"
+
+
+def agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> Agreement:
+    """:class:`Agreement` of ``candidate`` outputs with ``reference`` (per feed, lists of outputs)."""
+    cosines = []
+    for ref, cand in zip(reference, candidate):
+        r = np.asarray(ref[0], np.float64)
+        c = np.asarray(cand[0], np.float64)
+        r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
+        c = c.reshape(r.shape)
+        denom = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+        cos = np.where(denom > 0, (r * c).sum(axis=1) / np.where(denom > 0, denom, 1.0), 1.0)
+        cosines.extend(cos.tolist())
+    return Agreement(_agreement(reference, candidate), float(np.mean(cosines)) if cosines else 1.0, len(cosines))
+
+
 def _agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float | None:
     hits = total = 0
     for ref, cand in zip(reference, candidate):
@@ -249,7 +284,9 @@ def _agreement(reference: list[list[np.ndarray]], candidate: list[list[np.ndarra
 
 
 __all__ = [
+    "Agreement",
     "INTEGER_KERNELS",
+    "agreement",
     "KernelReport",
     "LayerSensitivity",
     "kernel_report",

@@ -53,6 +53,7 @@ def test_bench_lossless_main_writes_sane_json(tmp_path, cache_dir, capsys):
     for key in ("ours", "verify", "ours_plus_verify", "onnxslim", "ort_basic_session"):
         assert seconds[key] > 0, key
     assert len(seconds["runs"]["ours"]) == len(seconds["runs"]["onnxslim"]) == 1
+    assert seconds["cpu"]["ours"] > 0 and seconds["cpu"]["onnxslim"] > 0
     assert math.isclose(result["ratio_ours_over_onnxslim"], seconds["ours"] / seconds["onnxslim"])
     assert set(result["verdict"]) == {"seconds_ok", "ratio_ok", "passed"}
 
