@@ -131,19 +131,33 @@ class LayerFit:
         return x.reshape(-1, x.shape[-1])
 
     def update(self, x: np.ndarray, *, rows_per_sample: int | None = None, rng: np.random.Generator | None = None) -> None:
+        """Accumulate one batch of the layer's (original) input ``x``; targets ``W x``."""
         rows = self.rows(x)
         if rows_per_sample is not None and x.shape[0] and rows.shape[0] > rows_per_sample * x.shape[0]:
             rng = rng or np.random.default_rng(0)
             pick = rng.choice(rows.shape[0], rows_per_sample * x.shape[0], replace=False)
             rows = rows[np.sort(pick)]
         rows = rows.astype(np.float64)
-        y = rows @ self.w2d.T  # W x, bias excluded
-        xk = rows[:, self.col_keep]
+        self.accumulate(rows[:, self.col_keep], rows @ self.w2d.T)
+
+    def update_pair(self, x_pruned: np.ndarray, y_original: np.ndarray, *, rows_per_sample: int | None = None,
+                    rng: np.random.Generator | None = None) -> None:
+        """Accumulate the *pruned* model's input against the original layer's output (round 2)."""
+        rows = self.rows(x_pruned)
+        y = np.asarray(y_original, dtype=np.float64)
+        y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if self.kind == "conv" else y.reshape(-1, y.shape[-1])
+        if rows_per_sample is not None and x_pruned.shape[0] and rows.shape[0] > rows_per_sample * x_pruned.shape[0]:
+            rng = rng or np.random.default_rng(0)
+            pick = np.sort(rng.choice(rows.shape[0], rows_per_sample * x_pruned.shape[0], replace=False))
+            rows, y = rows[pick], y[pick]
+        self.accumulate(rows.astype(np.float64), y)
+
+    def accumulate(self, xk: np.ndarray, y: np.ndarray) -> None:
         if self._shift_x is None:  # shifted moments: no cancellation when centring (docstring)
             self._shift_x, self._shift_y = xk.mean(axis=0), y.mean(axis=0)
         xk = xk - self._shift_x
         y = y - self._shift_y
-        self.n += rows.shape[0]
+        self.n += xk.shape[0]
         self.sum_x += xk.sum(axis=0)
         self.sum_y += y.sum(axis=0)
         self.xx += xk.T @ xk
@@ -307,3 +321,20 @@ def write_fit(graph: gs.Graph, fit: LayerFit, weights: np.ndarray, bias: np.ndar
         if fit.intercept:
             add, i = _matmul_bias(node)
             _write(graph, add, i, b, f"{name}_bias")
+
+
+def second_round(fit: LayerFit) -> LayerFit:
+    """A fresh fit of the same (now pruned and refitted) node, for :meth:`LayerFit.update_pair`.
+
+    Targets are the original layer's outputs at the kept output channels (bias included, and
+    for a MatMul the bias of its Add), so the new fit carries a zero bias of its own and keeps every (already kept) input.
+    """
+    node = fit.node
+    found = _weight_matrix(node)
+    kind, w2d = found
+    geometry = None
+    if kind == "conv":
+        ws = constant_value(node.inputs[1]).shape
+        geometry = _conv_geometry(node, node.inputs[0].shape, ws)
+    return LayerFit(node, kind, fit.input_name, w2d, np.zeros(w2d.shape[0]),
+                    np.ones(w2d.shape[1], dtype=bool), np.ones(w2d.shape[0], dtype=bool), fit.intercept, geometry)

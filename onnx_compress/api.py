@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 
 from .ir import io as ir_io
+from .ir.constant_nodes import initializers_to_constant_nodes, uses_constant_node_weights
 from .ir.errors import OnnxCompressError, UnsupportedOpError, VerificationError
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, file_size, model_stats
@@ -98,6 +99,8 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
     result = manager.call(graph)
     compressed = to_model(result.graph, like=working)
     _keep_original_value_info(compressed, working)
+    if uses_constant_node_weights(working):
+        initializers_to_constant_nodes(compressed)
     validate_model(compressed, origin="compressed model", shape_inference=False)
     seconds["passes"] = time.perf_counter() - t0
 

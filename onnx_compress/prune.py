@@ -62,7 +62,7 @@ from .dependency_graph import (
     uniform_plan,
 )
 from .dependency_graph.importance import activation_members
-from .dependency_graph.reconstruct import plan_fits, write_fit
+from .dependency_graph.reconstruct import plan_fits, second_round, write_fit
 from .ir import io as ir_io
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, model_stats
@@ -208,8 +208,26 @@ def _lift(model: Any, ignore: Sequence[str]) -> tuple[onnx.ModelProto, Dependenc
     return original, build_dependency_graph(graph, ignore=tuple(ignore))
 
 
+def _restore_constant_nodes(out: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Weights that were ``Constant`` nodes in the original (paddle2onnx) stay ``Constant`` nodes:
+    folding lifted them into initializers, the written model keeps the original's form."""
+    names = {n.output[0] for n in original.graph.node if n.op_type == "Constant" and n.output}
+    graph_inputs = {vi.name for vi in out.graph.input}
+    moved = [t for t in out.graph.initializer if t.name in names and t.name not in graph_inputs]
+    if not moved:
+        return
+    keep = [t for t in out.graph.initializer if t.name not in {m.name for m in moved}]
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"{t.name}_const", value=t) for t in moved]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    rest = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + rest)
+
+
 def _export(dg: DependencyGraph, original: onnx.ModelProto) -> onnx.ModelProto:
     out = to_model(dg.graph, like=original)
+    _restore_constant_nodes(out, original)
     keep = {vi.name for vi in original.graph.value_info}
     vis = [vi for vi in out.graph.value_info if vi.name in keep]
     del out.graph.value_info[:]
@@ -294,6 +312,33 @@ def _reconstruct(dg, working, calib, masks, *, ridge: float, rows_per_sample: in
     return fits, samples
 
 
+def _refit_on_pruned(dg, working, original, calib, fits, *, ridge: float, rows_per_sample, seed: int) -> None:
+    """Round 2: the pruned model's layer inputs against the original layers' outputs.
+
+    Round 1 fits each layer on the original activations; the refitted layers before it still
+    leave a residual error, which this round (one joint pass) lets every layer compensate.
+    """
+    pruned = _export(dg, original)
+    fresh = [second_round(f) for f in fits]
+    targets = []
+    for f in fits:  # a MatMul's target includes its Add's bias
+        out = f.node.outputs[0].name
+        targets.append((out, f.bias if f.kind == "matmul" and f.intercept else 0.0))
+    x_names = list(dict.fromkeys(f.input_name for f in fresh))
+    y_names = list(dict.fromkeys(t for t, _ in targets))
+    rng_a = np.random.default_rng(seed + 1)
+    for (ys, _), (xs, _) in zip(_stream(working, calib, y_names), _stream(pruned, calib, x_names)):
+        for f, old, (out, bias) in zip(fresh, fits, targets):
+            axis = 1 if f.kind == "conv" else ys[out].ndim - 1
+            y = np.compress(old.out_keep, ys[out], axis=axis)
+            if not np.isscalar(bias):
+                y = y + bias[old.out_keep].astype(y.dtype)
+            f.update_pair(xs[f.input_name], y, rows_per_sample=rows_per_sample, rng=rng_a)
+    for f in fresh:
+        w, b = f.solve(ridge)
+        write_fit(dg.graph, f, w, b)
+
+
 def prune(
     model: Any,
     ratio: float = 0.3,
@@ -309,6 +354,7 @@ def prune(
     max_group_ratio: float = 0.9,
     ridge: float = 1e-3,
     rows_per_sample: int | None = 256,
+    reconstruct_rounds: int = 2,
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model``; returns (model, report). See the module docstring for the options."""
@@ -351,6 +397,8 @@ def prune(
         for f, w, b in solved:
             write_fit(dg.graph, f, w, b)
             refitted.append(f.node.name)
+        for _ in range(1, reconstruct_rounds if fits else 1):
+            _refit_on_pruned(dg, working, original, data, fits, ridge=ridge, rows_per_sample=rows_per_sample, seed=seed)
         result = _export(dg, original)
     else:
         result = onnx.ModelProto()

@@ -9,7 +9,8 @@ already has.
 
 ``y = x`` in every case, so the rewrite is exact. A node whose output is a graph output is removed
 only when the producer of its input can be made to write that output name directly; otherwise it
-stays (graph output names are part of the model's interface).
+stays (graph output names are part of the model's interface), and the decline is reported. A
+Dropout whose ``mask`` output is read or is a graph output stays.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import bypass_node, constant_value, rank, static_shape
+from ..ir.graph import bypass_node, constant_value, is_graph_output, producer, rank, static_shape
 from .base import Match, RewriteRule, RewriteRulePass
 
 
@@ -34,6 +35,13 @@ class _NoOpRule(RewriteRule):
         return None if keep is None else Match(node, {"keep": keep})
 
     def check(self, graph, match):
+        node, keep = match.anchor, match["keep"]
+        if any(is_graph_output(graph, out) for out in node.outputs[1:]):
+            return "a second output (Dropout mask) is a graph output"
+        if is_graph_output(graph, node.outputs[0]):
+            src = producer(keep)
+            if src is None or is_graph_output(graph, keep) or len(keep.outputs) != 1:
+                return "output is a graph output and its input cannot be renamed"
         return None
 
     def rewrite(self, graph, match):
