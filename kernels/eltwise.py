@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import check_array, check_out_range, check_scale, check_zero_point, rne_clamped
+from ._common import check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
 from .config import jit_parallel
 
 _ADD, _MUL = 0, 1
@@ -46,7 +46,7 @@ def _clamp_kernel(q, lo, hi, out):
         out[i] = v
 
 
-def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range):
+def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out=None):
     check_array("a", a)
     check_array("b", b)
     for name, q, zp in (("a_zero_point", a, a_zp), ("b_zero_point", b, b_zp)):
@@ -66,20 +66,20 @@ def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range):
     bf = np.ascontiguousarray(np.broadcast_to(b, shape)).reshape(-1)
     dtype = np.asarray(y_zp).dtype
     lo, hi = check_out_range(out_range, dtype)
-    out = np.empty(shape, dtype)
+    out = check_out("out", out, shape, dtype)
     _qdq_binary_kernel(op, af, sa[0], int(za[0]), bf, sb[0], int(zb[0]), sy[0], int(zy[0]), lo, hi,
                        out.view(np.uint8).reshape(-1))
     return out
 
 
-def qlinear_add(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, out_range=None) -> np.ndarray:
+def qlinear_add(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, out_range=None, out=None) -> np.ndarray:
     """``Q(DQ(a) + DQ(b))``; bit-exact with ``reference.qlinear_add``."""
-    return _binary(_ADD, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range)
+    return _binary(_ADD, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out)
 
 
-def qlinear_mul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, out_range=None) -> np.ndarray:
+def qlinear_mul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, out_range=None, out=None) -> np.ndarray:
     """``Q(DQ(a) * DQ(b))``; bit-exact with ``reference.qlinear_mul``."""
-    return _binary(_MUL, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range)
+    return _binary(_MUL, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out)
 
 
 def clamp(q, out_range) -> np.ndarray:

@@ -20,6 +20,7 @@ from ._common import (
     QTYPES,
     check_array,
     check_ints,
+    check_out,
     check_layout,
     check_out_range,
     check_scale,
@@ -137,14 +138,21 @@ def _scale_ratio(x_scale, y_scale) -> np.float32:
     return np.float32(sx[0] / sy[0])
 
 
+def _pool_out(out, shape, dtype, layout):
+    """The NHWC result buffer: caller-supplied ``out`` (NHWC layout only) or a new one."""
+    if out is not None and layout != "NHWC":
+        raise ValueError("out is only accepted with layout='NHWC'")
+    return check_out("out", out, shape, dtype)
+
+
 def max_pool(x, kernel_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=False,
-             layout="NCHW") -> np.ndarray:
+             layout="NCHW", out=None) -> np.ndarray:
     """MaxPool on a quantized tensor; bit-exact with ``reference.max_pool``."""
     check_layout(layout)
     check_array("x", x, ndim=4)
     xn = to_nhwc(x, layout)
     kernel_shape, strides, pads, dilations, shape = _window_args(xn, kernel_shape, strides, pads, dilations, ceil_mode)
-    out = np.empty(shape, x.dtype)
+    out = _pool_out(out, shape, x.dtype, layout)
     _max_pool_kernel(xn, kernel_shape[0], kernel_shape[1], strides[0], strides[1], pads[0], pads[1],
                      dilations[0], dilations[1], qrange(x.dtype)[0], out.view(np.uint8))
     return from_nhwc(out, layout)
@@ -152,7 +160,7 @@ def max_pool(x, kernel_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
 
 def average_pool(x, x_scale, x_zp, y_scale, y_zp, kernel_shape, *, strides=(1, 1), pads=(0, 0, 0, 0),
                  dilations=(1, 1), ceil_mode=False, count_include_pad=False, out_range=None,
-                 layout="NCHW") -> np.ndarray:
+                 layout="NCHW", out=None) -> np.ndarray:
     """AveragePool in QDQ form; bit-exact with ``reference.average_pool``."""
     check_layout(layout)
     check_array("x", x, ndim=4)
@@ -167,14 +175,14 @@ def average_pool(x, x_scale, x_zp, y_scale, y_zp, kernel_shape, *, strides=(1, 1
     kernel_shape, strides, pads, dilations, shape = _window_args(xn, kernel_shape, strides, pads, dilations, ceil_mode)
     if kernel_shape[0] * kernel_shape[1] * 255 > 2**31 - 1:
         raise ValueError(f"kernel_shape {kernel_shape} could overflow the int32 accumulator")
-    out = np.empty(shape, dtype)
+    out = _pool_out(out, shape, dtype, layout)
     _avg_pool_kernel(xn, int(zx[0]), ratio, int(zy[0]), lo, hi, kernel_shape[0], kernel_shape[1], strides[0],
                      strides[1], pads[0], pads[1], pads[2], pads[3], dilations[0], dilations[1],
                      bool(count_include_pad), out.view(np.uint8))
     return from_nhwc(out, layout)
 
 
-def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, *, out_range=None, layout="NCHW") -> np.ndarray:
+def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, *, out_range=None, layout="NCHW", out=None) -> np.ndarray:
     """GlobalAveragePool in QDQ form (output ``(N, C, 1, 1)`` or ``(N, 1, 1, C)``)."""
     check_layout(layout)
     check_array("x", x, ndim=4)
@@ -189,6 +197,6 @@ def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, *, out_range=None, layo
     n, h, w, c = xn.shape
     if h * w == 0:
         raise ValueError(f"x must have a non-empty spatial plane, got shape {x.shape}")
-    out = np.empty((n, 1, 1, c), dtype)
+    out = _pool_out(out, (n, 1, 1, c), dtype, layout)
     _global_avg_pool_kernel(xn, int(zx[0]), ratio, int(zy[0]), lo, hi, out.view(np.uint8))
     return from_nhwc(out, layout)

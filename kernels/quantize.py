@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import QTYPES, check_array, check_out_range, check_scale, check_zero_point, rne_clamped
+from ._common import QTYPES, check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
 from .config import jit_parallel
 
 
@@ -64,7 +64,7 @@ def _axis_view(x: np.ndarray, per_axis: bool, axis: int) -> tuple[np.ndarray, in
     return x.reshape(outer, x.shape[axis], -1), x.shape[axis]
 
 
-def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None) -> np.ndarray:
+def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None, out=None) -> np.ndarray:
     """ONNX QuantizeLinear (float32 in; uint8/int8 out, the zero point's dtype). A 1-D ``scale``
     quantizes per ``axis``; bit-exact with ``reference.quantize_linear``."""
     check_array("x", x, dtypes=(np.float32,))
@@ -76,12 +76,12 @@ def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None) -> n
         raise ValueError("zero_point must be 1-D when scale is 1-D")
     dtype = np.asarray(zero_point).dtype
     lo, hi = check_out_range(out_range, dtype)
-    out = np.empty(x.shape, dtype)
+    out = check_out("out", out, x.shape, dtype)
     _quantize_kernel(x3, s, z, lo, hi, out.view(np.uint8).reshape(x3.shape))
     return out
 
 
-def dequantize_linear(q, scale, zero_point=None, *, axis: int = 1) -> np.ndarray:
+def dequantize_linear(q, scale, zero_point=None, *, axis: int = 1, out=None) -> np.ndarray:
     """ONNX DequantizeLinear (uint8/int8/int32 in, float32 out); bit-exact with the reference."""
     check_array("q", q, dtypes=QTYPES + (np.dtype(np.int32),))
     per_axis = np.ndim(scale) == 1
@@ -93,12 +93,12 @@ def dequantize_linear(q, scale, zero_point=None, *, axis: int = 1) -> np.ndarray
         if np.asarray(zero_point).dtype != q.dtype:
             raise TypeError(f"zero_point dtype {np.asarray(zero_point).dtype} differs from q's dtype {q.dtype}")
         z = check_zero_point("zero_point", zero_point, dtypes=(q.dtype,), size=c_n if per_axis else None)
-    out = np.empty(q.shape, np.float32)
+    out = check_out("out", out, q.shape, np.float32)
     _dequantize_kernel(q3, s, z, out.reshape(q3.shape))
     return out
 
 
-def requantize(q, x_scale, x_zp, y_scale, y_zp, *, out_range=None) -> np.ndarray:
+def requantize(q, x_scale, x_zp, y_scale, y_zp, *, out_range=None, out=None) -> np.ndarray:
     """``Q(DQ(q))`` from per-tensor ``(x_scale, x_zp)`` to ``(y_scale, y_zp)``; also the standalone
     Relu/Clip clamp when the scales are equal."""
     check_array("q", q)
@@ -110,7 +110,7 @@ def requantize(q, x_scale, x_zp, y_scale, y_zp, *, out_range=None) -> np.ndarray
     sy = check_scale("y_scale", y_scale)
     dtype = np.asarray(y_zp).dtype
     lo, hi = check_out_range(out_range, dtype)
-    out = np.empty(q.shape, dtype)
+    out = check_out("out", out, q.shape, dtype)
     _requantize_kernel(np.ascontiguousarray(q).reshape(-1), sx[0], int(zx[0]), sy[0], int(zy[0]), lo, hi,
                        out.view(np.uint8).reshape(-1))
     return out

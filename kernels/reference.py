@@ -302,3 +302,9 @@ def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, out_range=None) -> np.n
     """GlobalAveragePool in QDQ form: AveragePool with the whole plane as the window."""
     x = np.asarray(x)
     return average_pool(x, x_scale, x_zp, y_scale, y_zp, x.shape[2:], out_range=out_range)
+
+
+def lookup(q, table) -> np.ndarray:
+    """Element-wise table lookup ``table[q & 0xFF]`` (see ``kernels.lut``)."""
+    q = np.asarray(q)
+    return np.asarray(table)[q.view(np.uint8).astype(np.intp)]

@@ -149,8 +149,9 @@ def quantize(
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     percentile: float = 99.999,
-    cle: bool = True,
+    cle: bool = False,
     bias_correction: bool = True,
+    bias_correction_options: dict | None = None,
     min_agreement: float | None = None,
     holdout: float | int | None = None,
     batch_size: int = 16,
@@ -244,7 +245,7 @@ def quantize(
             logger.warning("bias correction skipped: the calibration data can be read only once")
         else:
             _, bias_shifts, biases = empirical_bias_correction(
-                float_model, quantized, data, batch_size=batch_size, progress=progress
+                float_model, quantized, data, batch_size=batch_size, progress=progress, **(bias_correction_options or {})
             )
             quantized, qdq, result = insert()
         seconds["bias_correction"] = time.perf_counter() - t0

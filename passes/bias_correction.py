@@ -1,26 +1,39 @@
 """Empirical bias correction of a QDQ model from calibration data (Nagel et al., ICCV 2019, sec. 4.2).
 
 Quantization error is not zero-mean: a weight rounding error ``eps = W_q - W`` shifts the output
-of a layer by ``E[eps (*) x]`` per channel, and clipping/rounding of activations upstream adds a
-shift of its own. For every quantized ``Conv``/``ConvTranspose``/``Gemm`` ``L`` (output channel
-axis 1), in graph order::
+of a layer by ``E[eps (*) x]`` per channel, and rounding/clipping of its input adds a shift of its
+own. For every quantized ``Conv``/``ConvTranspose``/``Gemm`` ``L`` (output channel axis 1) the
+correction is ``b_L[c] <- b_L[c] - (mu_q[c] - mu_fp[c])`` with ``mu`` per-channel means over
+samples, batch and spatial positions. Two ways to measure ``mu_q``:
 
-    mu_fp[c] = mean over samples, batch and spatial positions of y_L[c] in the float model
-    mu_q[c]  = the same mean in the QDQ model, with the corrections of all layers before L applied
-    b_L[c]  <- b_L[c] - (mu_q[c] - mu_fp[c])
+- ``mode="local"`` (default): one run of the *float* model in which every quantized layer has a
+  twin ``L_q(x) = DQ(Q(x)) (*) DQ(W_q)`` (the same Q/DQ parameters and int8 weight as in the QDQ
+  model) reading the float model's own input ``x`` of ``L``::
 
-so that after the correction the mean output of ``L`` on the calibration data equals the float
-model's (up to the int32 rounding of the bias). Layers are corrected one after another because a
-correction upstream changes the error downstream; ``group_size > 1`` corrects that many
-consecutive layers per run (fewer runs, slight over-correction where they interact).
+      mu_q[c] = mean(L_q(x)[c]) + b_L[c],   mu_fp[c] = mean(L(x)[c])
 
-Means are streamed (a running per-channel sum and count per layer), so memory does not grow with
-the number of samples. The QDQ model is evaluated in ONNX Runtime with basic optimisations (the
-float emulation of Q/DQ, which the fused integer kernels match exactly when they do not saturate)
-through a probe copy in which each corrected layer's bias is a float graph input: one session
-serves every step. The corrected float bias is finally re-quantized to int32 at the layer's
-existing bias scale ``s_x * s_w[c]`` (``q = round(b / s)``); a layer without bias gets one (int32 at
-``s_x * s_w``, read through a new per-axis DequantizeLinear), which ORT's QDQ fusions accept.
+  so the shift removed is the layer's *own* error (weights and input quantization); layers do not
+  interact, so all are corrected from one pass. When every layer is locally unbiased the
+  composition is too, up to the second-order effect of noise through non-linearities.
+- ``mode="sequential"``: the QDQ model itself, layer after layer in graph order, each step with
+  the corrections of the layers before it applied (``mu_q`` then includes the upstream error).
+  One run over the data per layer (``group_size`` layers per run when > 1, which over-corrects
+  where they interact: on MobileNetV2 any grouping was catastrophic).
+
+Measured on MobileNetV2 (ImageNet weights; 32 calibration views of 8 real photos, agreement with
+FP32 on 72 views of 12 other photos, ORT integer kernels): no correction 70.8 %, sequential
+81.9 % (350 s), local 84.7 % (12 s); correcting every layer at once from the QDQ model's total
+error instead: 0 %.
+
+Means are streamed (a running per-channel sum and count per layer): memory does not grow with the
+number of samples. ONNX Runtime runs the probes with basic optimisations (float emulation of
+Q/DQ, which the fused integer kernels match exactly when they do not saturate). In sequential
+mode each corrected layer's bias is a float graph input of the probe, so one session serves every
+step. The corrected float bias is re-quantized to int32 at the layer's existing bias scale
+``s_x * s_w[c]`` (``q = round(b / s)``); a layer without bias gets one (int32 at ``s_x * s_w``,
+through a new per-axis DequantizeLinear), which ORT's QDQ fusions accept.
+:func:`apply_biases` writes corrected biases into the float model instead, so that a later QDQ
+insertion (mixed precision, with some layers kept float) quantizes the corrected values.
 
 Layers are found by node name in both models: a node of the QDQ model whose weight is read
 through a DequantizeLinear of an int8 constant and whose input comes from a DequantizeLinear (its
@@ -148,6 +161,8 @@ def empirical_bias_correction(
     *,
     nodes: Iterable[str] | None = None,
     group_size: int = 1,
+    rounds: int = 1,
+    mode: str = "local",
     batch_size: int = 16,
     progress: bool | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, float], dict[str, np.ndarray]]:
@@ -161,10 +176,15 @@ def empirical_bias_correction(
     """
     if group_size < 1:
         raise ValueError("group_size must be at least 1")
+    if mode not in ("sequential", "local"):
+        raise ValueError(f"mode must be 'sequential' or 'local', got {mode!r}")
     targets = _find_targets(qdq_model, float_model, None if nodes is None else set(nodes))
     if not targets:
         logger.info("bias correction: no quantized Conv/Gemm found")
         return qdq_model, {}, {}
+    if mode == "local":
+        shifts = _local_correction(float_model, qdq_model, targets, feeds, batch_size, progress)
+        return _write(qdq_model, targets), shifts, {t.name: t.bias.astype(np.float32) for t in targets}
     fp_means = _float_means(float_model, feeds, [t.fp_output for t in targets], batch_size, progress)
 
     # probe: each target's bias is a float graph input, outputs are the targets' outputs
@@ -183,7 +203,7 @@ def empirical_bias_correction(
     can_batch = _batch_axis_free(qdq_model)
 
     shifts: dict[str, float] = {}
-    steps = [targets[i : i + group_size] for i in range(0, len(targets), group_size)]
+    steps = [targets[i : i + group_size] for i in range(0, len(targets), group_size)] * rounds
     for group in progress_bar(steps, desc="bias correction", enabled=progress):
         outputs = [t.q_output for t in group]
         bias_feed = {name: t.bias.astype(np.float32) for name, t in zip(bias_inputs, targets)}
@@ -198,7 +218,7 @@ def empirical_bias_correction(
                 counts[name] = counts.get(name, 0) + n
         for t in group:
             shift = sums[t.q_output] / counts[t.q_output] - fp_means[t.fp_output]
-            shifts[t.name] = float(np.max(np.abs(shift)))
+            shifts.setdefault(t.name, float(np.max(np.abs(shift))))
             t.bias = t.bias - shift
 
     return _write(qdq_model, targets), shifts, {t.name: t.bias.astype(np.float32) for t in targets}
@@ -226,6 +246,63 @@ def apply_biases(float_model: onnx.ModelProto, biases: Mapping[str, np.ndarray])
             node.input.append("")
         node.input[2] = name
     return out
+
+
+def _local_correction(float_model, qdq_model, targets, feeds, batch_size, progress) -> dict[str, float]:
+    """One run: each layer's quantized twin reads the *float* model's input (through the same Q/DQ)
+    so that its error is its own (weights and input quantization), not its upstream's."""
+    qgraph = qdq_model.graph
+    producers = {o: n for n in qgraph.node for o in n.output}
+    q_inits = {t.name: t for t in qgraph.initializer}
+    fp_nodes = {n.name: n for n in float_model.graph.node if n.name}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(float_model)
+    copied: set[str] = set()
+
+    def copy_node(node: onnx.NodeProto, suffix: str, inputs: list[str]) -> str:
+        for name in inputs:
+            if name and name in q_inits and name not in copied:
+                probe.graph.initializer.append(q_inits[name])
+                copied.add(name)
+        out = f"{node.output[0]}__{suffix}"
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        del clone.input[:]
+        clone.input.extend(inputs)
+        del clone.output[:]
+        clone.output.append(out)
+        clone.name = f"{node.name}__{suffix}"
+        probe.graph.node.append(clone)
+        return out
+
+    outputs = []
+    for t in targets:
+        qnode = qgraph.node[t.index]
+        x_dq = producers[qnode.input[0]]
+        x_q = producers[x_dq.input[0]]
+        q_out = copy_node(x_q, "bc_q", [fp_nodes[t.name].input[0], *x_q.input[1:]])
+        x_twin = copy_node(x_dq, "bc_dq", [q_out, *x_dq.input[1:]])
+        w_dq = producers[qnode.input[1]]
+        w_twin = copy_node(w_dq, "bc_w", list(w_dq.input))
+        outputs.append(copy_node(qnode, "bc_twin", [x_twin, w_twin]))  # no bias: added below
+    names = [t.fp_output for t in targets] + outputs
+    session = _session(with_outputs(probe, names))
+    inputs = [i.name for i in session.get_inputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed, _ in _batches(progress_bar(feeds, desc="bias correction", enabled=progress), batch_size,
+                            _batch_axis_free(float_model)):
+        for name, y in zip(names, session.run(names, {k: feed[k] for k in inputs})):
+            s, n = _channel_sums(y)
+            sums[name] = sums.get(name, 0.0) + s
+            counts[name] = counts.get(name, 0) + n
+    shifts = {}
+    for t, twin in zip(targets, outputs):
+        # twin mean + the layer's bias - float mean
+        shift = sums[twin] / counts[twin] + t.bias - sums[t.fp_output] / counts[t.fp_output]
+        shifts[t.name] = float(np.max(np.abs(shift)))
+        t.bias = t.bias - shift
+    return shifts
 
 
 def _write(qdq_model: onnx.ModelProto, targets: Sequence[_Target]) -> onnx.ModelProto:

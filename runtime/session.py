@@ -9,7 +9,10 @@ activations stay quantized (NHWC for 4-D tensors) between steps, and each
 ``DequantizeLinear -> op -> [Relu|Clip] -> QuantizeLinear`` pattern becomes one kernel call whose
 requantization (defined in ``onnx_compress.kernels.reference``) replaces the float op and the Q/DQ
 pair. Graph inputs are quantized by a QuantizeLinear step; float graph outputs come from a
-DequantizeLinear step. An op without a lowering raises ``UnsupportedOpError`` naming it.
+DequantizeLinear step. An op without a lowering raises ``UnsupportedOpError`` naming it; with
+``fallback=True`` the whole model runs on the ONNX Runtime back end instead, and the session says
+so: ``active_backend == "onnxruntime"``, ``fallback_reason`` holds the error's message, and a
+warning is logged.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..ir.errors import UnsupportedModelError
+from ..ir.errors import UnsupportedModelError, UnsupportedOpError
 from ..ir.io import load_model
 
 logger = logging.getLogger(__name__)
@@ -56,19 +59,37 @@ _ORT_TYPE = {"float32": "float", "float64": "double"}
 class Session:
     """An inference session on the ``numba`` or the ``onnxruntime`` back end."""
 
-    def __init__(self, model, backend: str = "numba", threads: int | None = None):
+    def __init__(self, model, backend: str = "numba", threads: int | None = None, *, fallback: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.model = load_model(model) if not isinstance(model, onnx.ModelProto) else model
         self.backend = backend
+        self.active_backend = backend
+        self.fallback_reason: str | None = None
         self.threads = threads
         graph = self.model.graph
         inits = {i.name for i in graph.initializer}
         self._inputs = _node_args([i for i in graph.input if i.name not in inits])
         self._outputs = _node_args(list(graph.output))
-        if backend == "onnxruntime":
+        self._plan = None
+        if backend == "numba":
+            from .lowering import lower
+
+            try:
+                self._plan = lower(self.model)
+            except UnsupportedOpError as exc:
+                if not fallback:
+                    raise
+                self.active_backend = "onnxruntime"
+                self.fallback_reason = str(exc)
+                logger.warning("numba back end cannot run the model (%s); running the whole model on onnxruntime", exc)
+            else:
+                self._ort = None
+                logger.info("lowered %d nodes into %d kernel steps (%d float islands)", len(graph.node),
+                            len(self._plan.steps), len(self._plan.islands))
+        if self.active_backend == "onnxruntime":
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
@@ -81,13 +102,6 @@ class Session:
             except Exception as exc:  # ORT raises its own exception types
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise UnsupportedModelError(f"ONNX Runtime cannot load the model: {first}") from exc
-            self._plan = None
-        else:
-            from .lowering import lower
-
-            self._ort = None
-            self._plan = lower(self.model)
-            logger.info("lowered %d nodes into %d kernel steps", len(graph.node), len(self._plan.steps))
 
     def get_inputs(self) -> list[NodeArg]:
         return list(self._inputs)

@@ -132,14 +132,45 @@ def test_get_inputs_outputs_mirror_onnxruntime(qdq_model):
         assert [(a.name, a.type, a.shape) for a in mine] == [(b.name, b.type, b.shape) for b in theirs]
 
 
-def test_unsupported_op_names_the_node(qdq_model):
+def _with_float_graph_input_op(qdq_model) -> onnx.ModelProto:
+    """The QDQ CNN plus ``Add(logits, bias_in)`` where ``bias_in`` is a float graph input that is
+    never quantized: the numba back end does not run float paths that start outside a DQ."""
     model = onnx.ModelProto()
     model.CopyFrom(qdq_model)
-    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["prob"], name="head/Softmax", axis=1))
-    model.graph.output.append(helper.make_tensor_value_info("prob", TensorProto.FLOAT, None))
-    with pytest.raises(UnsupportedOpError, match=r"'head/Softmax': op Softmax has no numba lowering"):
+    model.graph.input.append(helper.make_tensor_value_info("bias_in", TensorProto.FLOAT, [1, 10]))
+    model.graph.node.append(helper.make_node("Add", ["logits", "bias_in"], ["shifted"], name="head/Add"))
+    model.graph.output.append(helper.make_tensor_value_info("shifted", TensorProto.FLOAT, None))
+    return model
+
+
+def test_unsupported_op_names_the_node(qdq_model):
+    model = _with_float_graph_input_op(qdq_model)
+    with pytest.raises(UnsupportedOpError, match=r"node 'head/Add' \(Add\): input 'bias_in' is not a dequantized activation"):
         Session(model, backend="numba")
-    assert Session(model, backend="onnxruntime").run(["prob"], {"image": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
+    custom = onnx.ModelProto()
+    custom.CopyFrom(qdq_model)
+    custom.graph.node.append(helper.make_node("Foo", ["logits"], ["prob"], name="head/Foo", domain="com.example"))
+    custom.graph.output.append(helper.make_tensor_value_info("prob", TensorProto.FLOAT, None))
+    with pytest.raises(UnsupportedOpError, match=r"'head/Foo': op com.example::Foo has no numba lowering"):
+        Session(custom, backend="numba")
+    feed = {"image": np.zeros((1, 3, 32, 32), np.float32), "bias_in": np.ones((1, 10), np.float32)}
+    assert Session(model, backend="onnxruntime").run(["shifted"], feed)[0].shape == (1, 10)
+
+
+def test_fallback_runs_the_whole_model_on_onnxruntime_and_says_so(qdq_model, caplog):
+    model = _with_float_graph_input_op(qdq_model)
+    feed = {"image": np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32),
+            "bias_in": np.ones((1, 10), np.float32)}
+    with caplog.at_level("WARNING", logger="onnx_compress.runtime.session"):
+        sess = Session(model, backend="numba", fallback=True)
+    assert sess.backend == "numba" and sess.active_backend == "onnxruntime" and sess._plan is None
+    assert "bias_in" in sess.fallback_reason
+    assert any("running the whole model on onnxruntime" in r.getMessage() for r in caplog.records)
+    got = sess.run(["shifted"], feed)[0]
+    np.testing.assert_array_equal(got, Session(model, backend="onnxruntime").run(["shifted"], feed)[0])
+    # a model the numba back end can run is not sent to ORT by fallback=True
+    ok = Session(qdq_model, backend="numba", fallback=True)
+    assert ok.active_backend == "numba" and ok.fallback_reason is None and ok._plan is not None
 
 
 def test_float_op_without_qdq_is_unsupported():
