@@ -21,12 +21,13 @@ channels are folded into the bias. (With padding the contribution is not constan
 the fit then takes the best constant.) Layers without a bias slot (a MatMul not followed by a
 per-feature Add) are fitted without intercept, ``A = (E[x_K x_K^T] + lam I)^{-1} E[x_K (W x)^T]``.
 
-The statistics are sums over rows accumulated batch by batch in float64 (``sum x_K``,
-``sum W x``, ``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count), each taken of the data minus a
-fixed shift (the first batch's means: centring ``E[x x^T] - mu mu^T`` then cancels nothing large;
-the raw moments follow by adding the shift back), so memory is ``O(|K|^2 + |K| C_out)`` per
+The statistics are sums over rows accumulated batch by batch into float64 (``sum x_K``,
+``sum W x``, ``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count; each batch's products in
+``dtype``, float32 by default for speed), each taken of the data minus a fixed shift (the first
+batch's means: centring ``E[x x^T] - mu mu^T`` then cancels nothing large, which is what makes
+float32 products safe; the raw moments follow by adding the shift back), so memory is ``O(|K|^2 + |K| C_out)`` per
 layer whatever the number of samples. ``rows_per_sample`` optionally subsamples output positions
-(seeded) to bound time on large feature maps.
+(seeded, gathered before im2col) to bound time on large feature maps.
 
 Grouped and depthwise Conv consumers are skipped: their input channels are pruned in whole conv
 groups, which removes the groups' outputs too, so nothing of what they keep lost an input.
@@ -75,24 +76,46 @@ def _conv_geometry(node: gs.Node, x_shape, w_shape):
     return kernel, strides, dilations, pads
 
 
-def im2col(x: np.ndarray, kernel, strides, dilations, pads) -> np.ndarray:
-    """``[N, C, *spatial]`` (1-D or 2-D) -> ``[N * positions, C * prod(kernel)]``, (c, ky, kx) order."""
+def _pad_input(x: np.ndarray, kernel, strides, dilations, pads):
     if x.ndim == 3:
         x = x[:, :, None, :]
         kernel, strides, dilations = [1, *kernel], [1, *strides], [1, *dilations]
         pads = [0, pads[0], 0, pads[1]]
     n, c, h, w = x.shape
     kh, kw = kernel
-    sh, sw = strides
-    dh, dw = dilations
+    oh = (h + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (w + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    oh = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    return xp, (kh, kw), strides, dilations, oh, ow
+
+
+def im2col(x: np.ndarray, kernel, strides, dilations, pads, rows: np.ndarray | None = None) -> np.ndarray:
+    """``[N, C, *spatial]`` (1-D or 2-D) -> ``[N * positions, C * prod(kernel)]``, (c, ky, kx) order.
+
+    ``rows`` (flat indices into ``N * positions``, sample-major) gathers only those rows.
+    """
+    xp, (kh, kw), (sh, sw), (dh, dw), oh, ow = _pad_input(x, kernel, strides, dilations, pads)
+    n, c = xp.shape[:2]
+    if rows is not None:
+        b, pos = np.divmod(np.asarray(rows, dtype=np.int64), oh * ow)
+        r, q = np.divmod(pos, ow)
+        out = np.empty((rows.size, c, kh, kw), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                out[:, :, i, j] = xp[b, :, r * sh + i * dh, q * sw + j * dw]
+        return out.reshape(rows.size, c * kh * kw)
     cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
             cols[:, :, i, j] = xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
     return cols.reshape(n, c * kh * kw, oh * ow).transpose(0, 2, 1).reshape(n * oh * ow, c * kh * kw)
+
+
+def _positions(x: np.ndarray, kind: str, geometry) -> int:
+    if kind != "conv":
+        return int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
+    *_, oh, ow = _pad_input(x[:1], *geometry)
+    return oh * ow
 
 
 @dataclass
@@ -108,6 +131,7 @@ class LayerFit:
     out_keep: np.ndarray  # bool [C_out]: output channels kept
     intercept: bool
     geometry: tuple | None = None
+    dtype: type = np.float32  # of the per-batch products (sums are float64)
     n: int = 0
     sum_x: np.ndarray = field(default=None)
     sum_y: np.ndarray = field(default=None)
@@ -123,43 +147,49 @@ class LayerFit:
         self.xy = np.zeros((k, out))
         self._shift_x: np.ndarray | None = None
         self._shift_y: np.ndarray | None = None
+        self._w = np.ascontiguousarray(self.w2d.T, dtype=np.float32)
 
-    def rows(self, x: np.ndarray) -> np.ndarray:
+    def rows(self, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if self.kind == "conv":
-            return im2col(x, *self.geometry)
-        return x.reshape(-1, x.shape[-1])
+            return im2col(x, *self.geometry, rows=pick)
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if pick is None else flat[pick]
+
+    def _pick(self, x: np.ndarray, rows_per_sample: int | None, rng: np.random.Generator | None):
+        """Sorted row indices to keep (None: all), ``rows_per_sample`` of each sample at most."""
+        if rows_per_sample is None or x.shape[0] == 0:
+            return None
+        per = _positions(x, self.kind, self.geometry)
+        if per <= rows_per_sample:
+            return None
+        rng = rng or np.random.default_rng(0)
+        picks = [s * per + np.sort(rng.choice(per, rows_per_sample, replace=False)) for s in range(x.shape[0])]
+        return np.concatenate(picks)
 
     def update(self, x: np.ndarray, *, rows_per_sample: int | None = None, rng: np.random.Generator | None = None) -> None:
         """Accumulate one batch of the layer's (original) input ``x``; targets ``W x``."""
-        rows = self.rows(x)
-        if rows_per_sample is not None and x.shape[0] and rows.shape[0] > rows_per_sample * x.shape[0]:
-            rng = rng or np.random.default_rng(0)
-            pick = rng.choice(rows.shape[0], rows_per_sample * x.shape[0], replace=False)
-            rows = rows[np.sort(pick)]
-        rows = rows.astype(np.float64)
-        self.accumulate(rows[:, self.col_keep], rows @ self.w2d.T)
+        rows = self.rows(x, self._pick(x, rows_per_sample, rng))
+        self.accumulate(rows[:, self.col_keep], rows @ self._w)
 
     def update_pair(self, x_pruned: np.ndarray, y_original: np.ndarray, *, rows_per_sample: int | None = None,
                     rng: np.random.Generator | None = None) -> None:
         """Accumulate the *pruned* model's input against the original layer's output (round 2)."""
-        rows = self.rows(x_pruned)
-        y = np.asarray(y_original, dtype=np.float64)
+        pick = self._pick(x_pruned, rows_per_sample, rng)
+        rows = self.rows(x_pruned, pick)
+        y = np.asarray(y_original, dtype=np.float32)
         y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if self.kind == "conv" else y.reshape(-1, y.shape[-1])
-        if rows_per_sample is not None and x_pruned.shape[0] and rows.shape[0] > rows_per_sample * x_pruned.shape[0]:
-            rng = rng or np.random.default_rng(0)
-            pick = np.sort(rng.choice(rows.shape[0], rows_per_sample * x_pruned.shape[0], replace=False))
-            rows, y = rows[pick], y[pick]
-        self.accumulate(rows.astype(np.float64), y)
+        self.accumulate(rows, y if pick is None else y[pick])
 
     def accumulate(self, xk: np.ndarray, y: np.ndarray) -> None:
         if self._shift_x is None:  # shifted moments: no cancellation when centring (docstring)
-            self._shift_x, self._shift_y = xk.mean(axis=0), y.mean(axis=0)
-        xk = xk - self._shift_x
-        y = y - self._shift_y
+            self._shift_x = xk.mean(axis=0, dtype=np.float64)
+            self._shift_y = y.mean(axis=0, dtype=np.float64)
+        xk = (xk - self._shift_x).astype(self.dtype, copy=False)
+        y = (y - self._shift_y).astype(self.dtype, copy=False)
         self.n += xk.shape[0]
-        self.sum_x += xk.sum(axis=0)
-        self.sum_y += y.sum(axis=0)
+        self.sum_x += xk.sum(axis=0, dtype=np.float64)
+        self.sum_y += y.sum(axis=0, dtype=np.float64)
         self.xx += xk.T @ xk
         self.xy += xk.T @ y
 

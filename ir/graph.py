@@ -24,6 +24,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from .errors import UnsupportedModelError
+
 #: name of the Python attribute on gs.Node that carries ``doc_string`` / ``metadata_props``.
 NODE_EXTRAS = "onnx_compress_extras"
 #: the domain of the model-local functions onnx-compress writes (fused Conv+activation)
@@ -49,6 +51,13 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     its default in :func:`to_model`. Below IR 4 the format *required* every initializer to be
     listed as an input, so there they are weights, as graphsurgeon treats them.
     """
+    for vi in list(model.graph.input) + list(model.graph.output):
+        kind = vi.type.WhichOneof("value")
+        if kind not in (None, "tensor_type", "sequence_type"):
+            raise UnsupportedModelError(
+                f"graph {'input' if vi in model.graph.input else 'output'} '{vi.name}' has type "
+                f"{kind}; onnx-compress handles tensor and sequence inputs/outputs only"
+            )
     defaults: dict[str, onnx.TensorProto] = {}
     if model.ir_version >= 4:
         input_names = {vi.name for vi in model.graph.input}

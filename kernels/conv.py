@@ -193,8 +193,12 @@ def prepare_qconv(
                        y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group)
 
 
-def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Run a packed convolution on an NHWC activation; returns (or fills) the NHWC output."""
+def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None, *,
+              scratch: np.ndarray | None = None) -> np.ndarray:
+    """Run a packed convolution on an NHWC activation; returns (or fills) the NHWC output.
+
+    ``scratch``: an optional buffer for the strided input of a strided 1x1 convolution (shape
+    ``x[:, ::s_h, ::s_w, :].shape``, x's dtype), so that repeated calls allocate nothing."""
     check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
     if x.shape[3] != params.in_channels:
         raise ValueError(f"x must have {params.in_channels} channels (NHWC axis 3), got shape {x.shape}")
@@ -207,7 +211,13 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None)
     pt, pl = params.pads[0], params.pads[1]
     dh, dw = params.dilations
     if params.kind == "gemm":
-        xs = x if (sh, sw) == (1, 1) else np.ascontiguousarray(x[:, ::sh, ::sw, :])
+        if (sh, sw) == (1, 1):
+            xs = x
+        elif scratch is not None:
+            xs = check_out("scratch", scratch, x[:, ::sh, ::sw, :].shape, x.dtype)
+            np.copyto(xs, x[:, ::sh, ::sw, :])
+        else:
+            xs = np.ascontiguousarray(x[:, ::sh, ::sw, :])
         _qgemm_kernel(xs.reshape(-1, params.in_channels), params.x_zp, params.packed_w, params.bias,
                       params.multiplier, params.y_zp, params.lo, params.hi,
                       y.view(np.uint8).reshape(-1, params.out_channels))

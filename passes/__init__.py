@@ -2,6 +2,7 @@
 
 from .base import Match, Pass, PassManager, PassResult, RewriteRule, RewriteRulePass
 from .batchnorm_to_mul_add import BatchNormToMulAddPass
+from .cross_layer_equalization import CrossLayerEqualizationPass
 from .eliminate_noop import EliminateNoOpPass
 from .fold_affine_into_conv import FoldAffineIntoConvPass
 from .fold_batchnorm import FoldBatchNormPass

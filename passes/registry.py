@@ -12,6 +12,7 @@ from typing import Callable
 
 from .base import Pass
 from .batchnorm_to_mul_add import BatchNormToMulAddPass
+from .cross_layer_equalization import CrossLayerEqualizationPass
 from .eliminate_noop import EliminateNoOpPass
 from .fold_affine_into_conv import FoldAffineIntoConvPass
 from .fold_batchnorm import FoldBatchNormPass
@@ -29,6 +30,7 @@ PASS_FACTORIES: dict[str, Callable[..., Pass]] = {
     "remove-dead-nodes": lambda opts: RemoveDeadNodesPass(),
     "fuse-conv-activation": lambda opts: FuseConvActivationPass(),
     "unfuse-conv-activation": lambda opts: UnfuseConvActivationPass(),
+    "cross-layer-equalization": lambda opts: CrossLayerEqualizationPass(),
 }
 
 #: the order of the default pipeline (names above); run to a fixed point
@@ -42,7 +44,7 @@ DEFAULT_PIPELINE: list[str] = [
 ]
 
 #: passes that exist but are not in the default pipeline
-OPT_IN_PASSES: list[str] = ["fuse-conv-activation", "unfuse-conv-activation"]
+OPT_IN_PASSES: list[str] = ["fuse-conv-activation", "unfuse-conv-activation", "cross-layer-equalization"]
 
 
 def available_passes() -> list[str]:

@@ -249,7 +249,10 @@ def test_steady_state_runs_allocate_only_their_outputs():
     p = b.q(b.node("MaxPool", [b.dq(a, py)], kernel_shape=[2, 2], strides=[2, 2]), py)
     h = b.q(b.node("HardSwish", [b.dq(p, py)]), py)
     cat = b.q(b.node("Concat", [b.dq(h, py), b.dq(p, py)], axis=1), py)
-    g = b.q(b.node("GlobalAveragePool", [b.dq(cat, py)]), py)
+    w1 = b.node("DequantizeLinear", [b.const(rng.integers(-60, 61, (8, 32, 1, 1)).astype(np.int8)),
+                                     b.const(np.float32(0.01)), b.const(np.int8(0))])
+    down = b.q(b.node("Conv", [b.dq(cat, py), w1], strides=[2, 2]), py)  # strided 1x1: scratch buffer
+    g = b.q(b.node("GlobalAveragePool", [b.dq(down, py)]), py)
     b.output(b.dq(g, py), TensorProto.FLOAT)
     model = b.model()
     sess = Session(model)
