@@ -16,6 +16,7 @@ asks; :func:`unique_name` makes fresh tensor names.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import UnsupportedModelError
 
@@ -36,6 +38,18 @@ OWN_DOMAIN = "onnx_compress.fused"
 class NodeExtras:
     doc_string: str = ""
     metadata_props: list[tuple[str, str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon():
+    """graphsurgeon prints its warnings to stdout (library code must not print); silence them
+    for the duration and restore its setting."""
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = max(severity, G_LOGGER.CRITICAL)
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = severity
 
 
 #: name of the Python attribute on gs.Graph holding defaults of overridable inputs (IR >= 4).
@@ -70,7 +84,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
             del stripped.graph.initializer[:]
             stripped.graph.initializer.extend(kept)
             model = stripped
-    graph = gs.import_onnx(model)
+    with quiet_graphsurgeon():
+        graph = gs.import_onnx(model)
     if defaults:
         setattr(graph, INPUT_DEFAULTS, defaults)
     for node, proto in zip(graph.nodes, model.graph.node):
@@ -106,7 +121,8 @@ def to_model(graph: gs.Graph, *, like: onnx.ModelProto | None = None) -> onnx.Mo
     more); a domain the graph newly uses (our fused functions' domain) is added. The IR version is
     the larger of ``like``'s and what graphsurgeon needs (local functions need IR 8).
     """
-    model = gs.export_onnx(graph, do_type_check=False)
+    with quiet_graphsurgeon():
+        model = gs.export_onnx(graph, do_type_check=False)
     defaults = vars(graph).get(INPUT_DEFAULTS, {})  # gs.Graph.__getattr__ logs misses
     if defaults:
         input_names = {vi.name for vi in model.graph.input}

@@ -114,19 +114,12 @@ def check_out(name: str, out, shape, dtype) -> np.ndarray:
 def rne_clamped(v, lo_f, hi_f):
     """``rne(clamp(v, lo_f, hi_f))`` for a float32 ``v`` (integer-valued float32 bounds) -> int32.
 
-    NaN maps to 0. The bounds are small, so ``v - floor(v)`` is exact in float32."""
-    if v != v:
-        v = np.float32(0.0)
-    if v < lo_f:
-        v = lo_f
-    elif v > hi_f:
-        v = hi_f
-    f = np.float32(np.floor(v))
-    d = v - f
-    i = np.int32(f)
-    if d > 0.5 or (d == 0.5 and (i & 1) != 0):
-        i += 1
-    return i
+    NaN maps to 0. Branch-free (selects, ``min``/``max`` and ``rint``, which rounds half to even
+    in the default IEEE mode), so loops that call it vectorise; clamping before rounding equals
+    rounding before clamping because the bounds are integers."""
+    v = np.float32(0.0) if v != v else v
+    v = min(max(v, lo_f), hi_f)
+    return np.int32(np.rint(v))
 
 
 @jit_serial

@@ -353,7 +353,7 @@ def prune(
     global_ranking: bool = False,
     max_group_ratio: float = 0.9,
     ridge: float = 1e-3,
-    rows_per_sample: int | None = 256,
+    rows_per_sample: int | None = 64,
     reconstruct_rounds: int = 2,
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, PruneReport]:

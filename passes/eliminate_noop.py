@@ -26,7 +26,12 @@ from .base import Match, RewriteRule, RewriteRulePass
 def _dtype_of(tensor: gs.Tensor):
     if isinstance(tensor, gs.Constant):
         return tensor.values.dtype
-    return np.dtype(tensor.dtype) if tensor.dtype is not None else None
+    if tensor.dtype is None:
+        return None
+    try:
+        return np.dtype(tensor.dtype)
+    except TypeError:  # graphsurgeon keeps the ONNX enum for types numpy lacks (bfloat16, float8)
+        return None
 
 
 class _NoOpRule(RewriteRule):
@@ -86,7 +91,12 @@ class _NoOpRule(RewriteRule):
             src = _dtype_of(x)
             if src is None or to is None:
                 return None
-            return x if onnx.helper.tensor_dtype_to_np_dtype(int(to)) == src else None
+            try:
+                target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(to)))
+            except (KeyError, TypeError, ValueError):
+                return None
+            # bfloat16/float8 map to ml_dtypes types; only a plain numpy type is compared
+            return x if target == src and target.kind in "biufc?" else None
         if op == "Transpose":
             perm = node.attrs.get("perm")
             if perm is not None and list(perm) == list(range(len(perm))):

@@ -8,7 +8,9 @@ The numba back end lowers a QDQ graph once, at load, into a plan of kernel calls
 activations stay quantized (NHWC for 4-D tensors) between steps, and each
 ``DequantizeLinear -> op -> [Relu|Clip] -> QuantizeLinear`` pattern becomes one kernel call whose
 requantization (defined in ``onnx_compress.kernels.reference``) replaces the float op and the Q/DQ
-pair. Graph inputs are quantized by a QuantizeLinear step; float graph outputs come from a
+pair; element-wise activations become 256-entry lookup tables and ops without an integer lowering
+run as float islands on ONNX Runtime between explicit Q/DQ borders (``lowering`` lists them).
+Graph inputs are quantized by a QuantizeLinear step; float graph outputs come from a
 DequantizeLinear step. An op without a lowering raises ``UnsupportedOpError`` naming it; with
 ``fallback=True`` the whole model runs on the ONNX Runtime back end instead, and the session says
 so: ``active_backend == "onnxruntime"``, ``fallback_reason`` holds the error's message, and a

@@ -94,6 +94,21 @@ def test_fold_constants_leaves_sequence_ops_alone(capsys):
     assert capsys.readouterr().out == ""  # graphsurgeon's warnings are not printed
 
 
+def test_fold_constants_honours_shape_start_and_end():
+    """Regression: graphsurgeon folded Shape(x, start, end) to the whole shape of x."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["hw"], start=-2),
+        helper.make_node("Shape", ["x"], ["c"], start=1, end=2),
+        helper.make_node("Concat", ["c", "hw"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    model = _model(nodes, [_vi("x", [1, 2, 3, 4])], [_vi("y", [2, 3, 4])], opset=15)
+    result, out = _apply(FoldConstantsPass(), model)
+    assert result.modified and op_count(out, "Shape") == 0
+    onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    assert_parity(model, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # no-op elimination
 

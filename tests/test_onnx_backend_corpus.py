@@ -14,8 +14,8 @@ For each model:
   to what was saved;
 * where ONNX Runtime (``ORT_DISABLE_ALL``) runs the original on the test's own inputs, the
   compressed model must give the same outputs: same dtype and shape, non-float outputs identical,
-  float outputs within ``PARITY_TOL`` of each output's range (``max|a-b| <= tol * ptp(a)``) with
-  NaN/Inf at the same positions;
+  float outputs within ``PARITY_TOL`` (1e-5; float16: 4 * 2**-11) of each output's range
+  (``max|a-b| <= tol * ptp(a)``) with NaN/Inf at the same positions;
 * where the original's outputs match the test's expected outputs (the case's own rtol/atol), the
   compressed model's must match them too.
 
@@ -47,6 +47,9 @@ DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 FOLDERS = ("node", "simple", "pytorch-converted", "pytorch-operator")
 #: fp32 rounding of folded weights (BatchNorm into Conv) stays far below this
 PARITY_TOL = 1e-5
+#: float16 keeps 11 significant bits: a folded subexpression rounded once instead of per op moves
+#: an output by a few units of 2**-11 of its magnitude; 4 such units of the output range
+PARITY_TOL_BY_DTYPE = {np.dtype(np.float16): 4 * 2.0**-11}
 FAST_STRIDE = 4
 SHARDS = 8
 
@@ -130,7 +133,8 @@ def _assert_same(ref, cand, label: str) -> None:
         if r.dtype.kind in "OUS":  # strings
             assert np.array_equal(r, c), f"{label}: string output {i} differs"
             continue
-        (comparison,) = compare_outputs([r], [c], [f"output {i}"], PARITY_TOL)
+        tolerance = PARITY_TOL_BY_DTYPE.get(r.dtype, PARITY_TOL)
+        (comparison,) = compare_outputs([r], [c], [f"output {i}"], tolerance)
         assert comparison.passed, (
             f"{label}: output {i} differs: max |diff| {comparison.max_abs_diff:.3g} "
             f"({comparison.rel_diff:.3g} of range) or NaN/Inf positions differ"
@@ -209,7 +213,8 @@ def _report(counts: collections.Counter, label: str) -> None:
 @pytest.mark.parametrize("path", DISK_MODELS, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
 def test_disk_model_round_trips_with_parity(path, tmp_path):
     category = check_model(path.parent.name, path, _disk_data_sets(path), 1e-3, 1e-7, tmp_path)
-    assert not category.startswith("crash"), category
+    # every model file on disk ships test data; ORT runs all of them at this onnx/ORT pairing
+    assert category.startswith("parity") or category.startswith("refused") or category.startswith("ORT cannot"), category
 
 
 def test_disk_corpus_is_present_and_mostly_accepted(tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,9 +161,11 @@ def test_activation_lookup_tables_equal_ort_on_every_code(dtype):
 
 
 def test_lookup_tables_on_a_real_conv_output():
-    """SiLU after a Conv (NHWC activation): the table keeps the layout and the bits."""
+    """SiLU after a Conv (NHWC activation): the table keeps the layout and the bits. (The Conv
+    itself is exact here only because these seeded operands hit no requantization near-tie; the
+    general Conv bound is one step, see test_runtime.py.)"""
     b = _Builder(np.uint8)
-    px, pw, py, pa = b.qparams(0.02, 128), None, b.qparams(0.05, 100), b.qparams(0.03, 10)
+    px, py, pa = b.qparams(0.02, 128), b.qparams(0.05, 100), b.qparams(0.03, 10)
     x = b.input("x", [2, 4, 9, 9])
     rng = np.random.default_rng(0)
     w = b.const(rng.integers(-60, 61, (6, 4, 3, 3)).astype(np.int8))

@@ -1,0 +1,144 @@
+"""Benchmark: measured ONNX Runtime speed-up of structured pruning against the MAC reduction.
+
+For ResNet-50 (``benchmarks/models.py``, seeded weights, BN unfused) and MobileNetV2 (torchvision's
+ImageNet weights, ``tests/real_models.py``), each pruned with ``prune(model, ratio)`` (l1, uniform,
+``round_to=8``) at ratios 0.1 .. 0.7 and with ``target_macs=0.5``, side by side in one run:
+
+* ``MACs`` = MACs after / before (:func:`onnx_compress.ir.stats.count_macs`);
+* latency of the original and of the pruned model in ONNX Runtime (CPU provider, its default
+  graph optimisations, ``intra_op_num_threads = --threads``, default 2, one inter-op thread), at
+  batch 1 and 8: ``--warmup`` untimed runs, then ``--repeats`` timed runs *interleaved* (original,
+  pruned, original, pruned, ...) so machine drift hits both alike; medians;
+* ``speed-up`` = median original / median pruned, and ``eff`` = speed-up / (MACs before / after):
+  1.0 means latency fell exactly as much as the MACs (Torch-Pruning's published ResNet-50 figure is
+  2.19 / 3.85 = 0.57).
+
+Targets (issue 3): at about half the MACs (the ``target_macs=0.5`` row) ``eff >= 0.8``; no ratio is
+slower than the unpruned model (speed-up >= 1). The last line is a verdict; ``--strict`` makes a
+missed target exit with status 1. Absolute milliseconds mean little on a busy machine (the load
+average is printed); the interleaved ratios hold up better.
+
+    python benchmarks/bench_prune.py                         # both models, batch 1 and 8
+    python benchmarks/bench_prune.py --models mobilenetv2 --repeats 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _input(session, batch: int) -> dict[str, np.ndarray]:
+    inp = session.get_inputs()[0]
+    shape = [batch if i == 0 else (d if isinstance(d, int) else 224) for i, d in enumerate(inp.shape)]
+    return {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+
+def _timed(session, feed) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def compare(original, pruned, *, batch: int, threads: int, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median seconds original, median seconds pruned), interleaved."""
+    a, b = _session(original, threads), _session(pruned, threads)
+    feed = _input(a, batch)
+    for _ in range(warmup):
+        _timed(a, feed)
+        _timed(b, feed)
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_timed(a, feed))
+        tb.append(_timed(b, feed))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def load_model(name: str) -> onnx.ModelProto:
+    if name == "resnet50":
+        from benchmarks.models import resnet_onnx
+
+        return onnx.load(resnet_onnx("resnet50"))
+    if name == "mobilenetv2":
+        from tests.real_models import mobilenet_v2_onnx
+
+        cache = Path(os.environ.get("ONNX_COMPRESS_BENCH_CACHE", Path.home() / ".cache" / "onnx-compress-bench"))
+        return onnx.load(mobilenet_v2_onnx(cache))
+    raise ValueError(f"unknown model '{name}' (resnet50, mobilenetv2)")
+
+
+def main(argv=None) -> int:
+    from onnx_compress.prune import prune
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--strict", action="store_true")
+    args = parser.parse_args(argv)
+
+    rows, failures = [], []
+    print(f"load average before: {os.getloadavg()[0]:.2f} (CPUs usable: {len(os.sched_getaffinity(0))})")
+    for name in args.models:
+        model = load_model(name)
+        settings = [(f"ratio {r:.1f}", {"ratio": r}) for r in args.ratios] + [("MACs 0.5", {"target_macs": 0.5})]
+        print(f"\n{name}: threads {args.threads}, medians of {args.repeats} interleaved runs")
+        print(f"{'setting':<11} {'MACs':>6} {'batch':>5} {'orig ms':>9} {'pruned ms':>9} {'speed-up':>8} {'eff':>5}")
+        for label, kw in settings:
+            pruned, report = prune(model, **kw)
+            mac = report.macs_after / report.macs_before
+            for batch in args.batches:
+                t0, t1 = compare(model, pruned, batch=batch, threads=args.threads, warmup=args.warmup,
+                                 repeats=args.repeats)
+                speed = t0 / t1
+                eff = speed / (1.0 / mac) if mac < 1 else float("nan")
+                rows.append({"model": name, "setting": label, "macs_ratio": mac, "batch": batch,
+                             "orig_s": t0, "pruned_s": t1, "speedup": speed, "efficiency": eff})
+                print(f"{label:<11} {mac:6.3f} {batch:5d} {t0 * 1e3:9.2f} {t1 * 1e3:9.2f} {speed:8.2f} {eff:5.2f}")
+                if speed < 1.0:
+                    failures.append(f"{name} {label} batch {batch}: slower than unpruned ({speed:.2f}x)")
+                if label == "MACs 0.5" and eff < 0.8:
+                    failures.append(f"{name} at half the MACs, batch {batch}: efficiency {eff:.2f} < 0.8")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        fd, tmp = tempfile.mkstemp(dir=args.json.parent or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"rows": rows, "failures": failures, "threads": args.threads,
+                       "load_average": os.getloadavg()}, f, indent=2)
+        os.replace(tmp, args.json)
+    verdict = "PASS: every target met" if not failures else "FAIL: " + "; ".join(failures)
+    print(verdict)
+    return 1 if failures and args.strict else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
