@@ -32,9 +32,10 @@ compiles once per *input* dtype rather than once per (input, output) dtype pair.
 
 Cold start measured on the development machine: see ``COLD_START_NOTE`` below -- about a minute
 to compile everything on a loaded 2-core machine, under a second to load it back from the cache.
-End to end (``benchmarks/bench_runtime.py``, load + first batch-1 run in a fresh process): about
-20 s with an empty ``NUMBA_CACHE_DIR`` and about 3 s with the disk cache (ResNet-18 and
-MobileNetV2 QDQ), against about 1.1-1.6 s for ONNX Runtime.
+End to end (``benchmarks/bench_runtime.py``, import + load + first batch-1 run in a fresh process,
+ResNet-18 and MobileNetV2 QDQ, load average 15-45): 19-33 s with an empty ``NUMBA_CACHE_DIR``,
+2.7-4.6 s with the disk cache (about 1 s of it the first inference), against 1.1-3.0 s for ONNX
+Runtime.
 """
 
 from __future__ import annotations
