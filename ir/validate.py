@@ -170,6 +170,20 @@ def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
     return inferred
 
 
+def _interface(model: onnx.ModelProto) -> list[tuple]:
+    """(name, element type, dims) of every graph input that is not a weight, and every output."""
+    weights = {t.name for t in model.graph.initializer}
+
+    def describe(vi: onnx.ValueInfoProto) -> tuple:
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+        return (vi.name, t.elem_type, dims if t.HasField("shape") else None)
+
+    return [describe(vi) for vi in model.graph.input if vi.name not in weights] + [
+        describe(vi) for vi in model.graph.output
+    ]
+
+
 def normalize_opset(model: onnx.ModelProto, *, target: int = MIN_OPSET) -> onnx.ModelProto:
     """Return the model unchanged if its opset is at least ``target``, else converted to it.
 
@@ -185,6 +199,12 @@ def normalize_opset(model: onnx.ModelProto, *, target: int = MIN_OPSET) -> onnx.
         raise UnsupportedOpError(
             f"model uses opset {opset}; converting it to opset {target} failed: {_first_line(exc)}"
         ) from exc
+    if _interface(converted) != _interface(model):
+        # e.g. Scan 8 -> 9 drops the batch axis of the graph inputs: not the same model any more
+        raise UnsupportedOpError(
+            f"model uses opset {opset}; converting it to opset {target} changes its inputs/outputs "
+            f"({_interface(model)} -> {_interface(converted)})"
+        )
     # The converter leaves the IR version as it was; the new opset needs at least its own.
     needed = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
     if converted.ir_version < 4 <= needed:

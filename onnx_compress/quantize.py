@@ -70,6 +70,7 @@ from .passes.calibration import (
 from .passes.bias_correction import apply_biases, empirical_bias_correction
 from .passes.cross_layer_equalization import CrossLayerEqualizationPass
 from .passes.insert_qdq import DEFAULT_OP_TYPES, InsertQDQPass, QuantConfig, plan_quantization
+from .passes.weight_rounding import collect_hessians, gptq_weights
 from .passes.quant_report import (
     Agreement,
     KernelReport,
@@ -172,9 +173,11 @@ def quantize(
     symmetric: bool = False,
     per_channel: bool = True,
     weight_bits: int = 7,
+    depthwise_weight_bits: int = 8,
+    weight_rounding: str = "gptq",
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    percentile: float = 99.999,
+    percentile: float = 99.99,
     cle: bool = False,
     bias_correction: bool = True,
     bias_correction_options: dict | None = None,
@@ -202,11 +205,13 @@ def quantize(
     """
     if method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+    if weight_rounding not in ("nearest", "gptq"):
+        raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {weight_rounding!r}")
     if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
     config = QuantConfig(
         activations=activations, symmetric=symmetric, per_channel=per_channel, weight_bits=weight_bits,
-        op_types=frozenset(op_types) if op_types is not None else DEFAULT_OP_TYPES, exclude=tuple(exclude),
+        depthwise_weight_bits=depthwise_weight_bits, op_types=frozenset(op_types) if op_types is not None else DEFAULT_OP_TYPES, exclude=tuple(exclude),
     )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -253,11 +258,22 @@ def quantize(
         source = float_model
         if biases:
             source = apply_biases(float_model, {k: v for k, v in biases.items() if k not in set(excluded)})
-        qdq = InsertQDQPass(ranges, config.replace(exclude=config.exclude + tuple(excluded)))
+        qdq = InsertQDQPass(ranges, config.replace(exclude=config.exclude + tuple(excluded)), weights=rounded)
         result = qdq.call(to_graph(source))
         out = to_model(result.graph, like=float_model)
         del out.graph.value_info[:]
         return out, qdq, result
+
+    rounded: dict = {}
+    if weight_rounding == "gptq" and config.per_channel:
+        t0 = time.perf_counter()
+        if data.size is None:
+            logger.warning("GPTQ weight rounding skipped: the calibration data can be read only once")
+        else:
+            weighted = [u.node.name for u in plan.weights if u.node.name]
+            hessians = collect_hessians(float_model, data, nodes=weighted, progress=progress)
+            rounded = gptq_weights(float_model, hessians, config.weight_qmax_of)
+        seconds["weight_rounding"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     biases: dict = {}

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from ..ir.graph import is_graph_output, make_constant, replace_all_uses, static_shape
+from ..ir.graph import static_shape, unique_name
 from .base import Pass, PassResult
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ def _fold_sliced_shapes(graph: gs.Graph) -> int:
         if "start" not in node.attrs and "end" not in node.attrs:
             continue
         shape = static_shape(node.inputs[0])
-        out = node.outputs[0]
-        if shape is None or is_graph_output(graph, out):
+        if shape is None:
             continue
         start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", len(shape)))
-        value = make_constant(graph, out.name + "_folded", np.array(shape[start:end], dtype=np.int64))
-        replace_all_uses(out, value)
+        value = np.array(shape[start:end], dtype=np.int64)
+        # becomes a Constant node writing the same tensor (a graph output keeps its name)
+        node.op = "Constant"
+        node.attrs = {"value": gs.Constant(unique_name(graph, node.outputs[0].name + "_value"), value)}
         node.inputs.clear()
-        node.outputs.clear()
         folded += 1
     return folded
 

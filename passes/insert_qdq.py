@@ -83,6 +83,9 @@ class QuantConfig:
     symmetric: bool = False
     per_channel: bool = True
     weight_bits: int = 7
+    #: bits of depthwise Conv weights (``group == C_out``, one input channel per group); see the
+    #: module docstring for why 8 cannot saturate there
+    depthwise_weight_bits: int = 8
     op_types: frozenset[str] = DEFAULT_OP_TYPES
     exclude: tuple[str, ...] = ()
     #: when set, only nodes with these names are quantized (per-layer sensitivity)
@@ -93,6 +96,8 @@ class QuantConfig:
             raise ValueError(f"activations must be 'u8' or 's8', got {self.activations!r}")
         if self.weight_bits not in (7, 8):
             raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
+        if self.depthwise_weight_bits not in (7, 8):
+            raise ValueError(f"depthwise_weight_bits must be 7 or 8, got {self.depthwise_weight_bits}")
         object.__setattr__(self, "op_types", frozenset(self.op_types))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.only is not None:
@@ -117,6 +122,12 @@ class QuantConfig:
     def weight_qmax(self) -> int:
         return 63 if self.weight_bits == 7 else 127
 
+    def weight_qmax_of(self, node: object, w: np.ndarray) -> int:
+        """The integer bound of ``node``'s weight ``w``: depthwise Convs use ``depthwise_weight_bits``."""
+        if is_depthwise(node, w):
+            return 63 if self.depthwise_weight_bits == 7 else 127
+        return self.weight_qmax
+
     def selects(self, node: gs.Node) -> bool:
         """Whether ``node`` may be quantized (not excluded, and in ``only`` when that is set)."""
         if self.only is not None and (node.name or "") not in self.only:
@@ -135,6 +146,20 @@ class QuantConfig:
             except re.error:
                 continue
         return False
+
+
+def is_depthwise(node: object, w: np.ndarray) -> bool:
+    """A Conv with one input and one output channel per group (``group == C_out``, ``W [C, 1, k...]``):
+    ONNX Runtime's depthwise kernels, which widen both operands before multiplying."""
+    op = getattr(node, "op", None) or getattr(node, "op_type", None)
+    if op != "Conv" or w.ndim < 3 or w.shape[1] != 1:
+        return False
+    attrs = getattr(node, "attrs", None)
+    if attrs is not None:
+        group = int(attrs.get("group", 1))
+    else:
+        group = next((int(a.i) for a in node.attribute if a.name == "group"), 1)
+    return group == w.shape[0] and group > 1
 
 
 @dataclass(frozen=True)
@@ -444,9 +469,16 @@ class InsertQDQPass(Pass):
 
     name = "insert-qdq"
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]], config: QuantConfig = QuantConfig()):
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]],
+        config: QuantConfig = QuantConfig(),
+        weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
         self.ranges = dict(ranges)
         self.config = config
+        #: node name -> (int8 weight, per-channel scale) chosen elsewhere (GPTQ); others: nearest
+        self.weights = dict(weights or {})
         self.params: dict[str, QuantParams] = {}
         self.plan: QuantPlan | None = None
 
@@ -503,7 +535,15 @@ class InsertQDQPass(Pass):
     def _quantize_weight(self, graph: gs.Graph, use: WeightUse) -> None:
         tensor = use.node.inputs[use.index]
         w = constant_value(tensor)
-        q, scale = quantize_weight(w, use.axis, self.config.weight_qmax)
+        qmax = self.config.weight_qmax_of(use.node, w)
+        given = self.weights.get(use.node.name or "")
+        if given is not None and use.axis is not None and given[0].shape == w.shape \
+                and np.asarray(given[1]).shape == (w.shape[use.axis],):
+            q, scale = np.asarray(given[0], np.int8), np.asarray(given[1], np.float32)
+            if int(np.abs(q.astype(np.int16)).max(initial=0)) > qmax:
+                raise PassError(f"weight of '{use.node.name}' exceeds the integer bound {qmax}")
+        else:
+            q, scale = quantize_weight(w, use.axis, qmax)
         use.scale = scale
         zp = np.zeros(scale.shape, dtype=np.int8)
         use.node.inputs[use.index] = self._dq(graph, tensor.name, q, scale, zp, use.axis)
