@@ -1,7 +1,8 @@
 """The public Python API: ``compress(model, **options) -> ModelProto``.
 
-``compress`` loads (path, bytes or ModelProto), validates, lifts opsets below 11, runs the pass
-pipeline to a fixed point, and verifies the result against the original in ONNX Runtime. A
+``compress`` loads (path, bytes or ModelProto), validates, lifts opsets below 11, optionally
+prunes, runs the lossless pass pipeline to a fixed point, verifies that pipeline's result in ONNX
+Runtime, and optionally quantizes to INT8. A
 result that changes the outputs beyond tolerance raises :class:`VerificationError` and nothing is
 returned (or written, by the CLI). ``compress_with_report`` returns the model together with a
 :class:`CompressReport` (stats before/after, per-pass changes and declines, verification).
@@ -42,6 +43,12 @@ class CompressReport:
     declined: list[tuple[str, str]] = field(default_factory=list)
     verification: VerificationReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: structured pruning (``onnx_compress.prune.PruneReport``), when asked for
+    prune: Any = None
+    #: INT8 quantization (``onnx_compress.quantize.QuantReport``), when asked for
+    quantization: Any = None
+    #: lossy result vs the original model (reported, not enforced)
+    fidelity: VerificationReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +59,9 @@ class CompressReport:
             "declined": [{"node": n, "reason": r} for n, r in self.declined],
             "verification": None if self.verification is None else self.verification.as_dict(),
             "seconds": self.seconds,
+            "prune": None if self.prune is None else self.prune.as_dict(),
+            "quantization": None if self.quantization is None else self.quantization.as_dict(),
+            "fidelity": None if self.fidelity is None else self.fidelity.as_dict(),
         }
 
 
@@ -81,15 +91,8 @@ def load_for_compression(model: Any) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     return original, normalize_opset(original)
 
 
-def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, CompressReport]:
-    opts = CompressOptions.from_kwargs(**options)
-    pipeline = resolve_pipeline(opts)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    original, working = load_for_compression(model)
-    seconds["load"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+def _run_lossless(working: onnx.ModelProto, opts: CompressOptions, pipeline: list[str]):
+    """The pass pipeline on ``working``: (result, per-pass change counts, declined rewrites)."""
     try:
         inferred = infer_shapes(working, data_prop=True)  # on a weightless copy: fast
     except Exception:  # shapes only help passes decide; a model that validated runs without them
@@ -102,18 +105,81 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
     if uses_constant_node_weights(working):
         initializers_to_constant_nodes(compressed)
     validate_model(compressed, origin="compressed model", shape_inference=False)
-    seconds["passes"] = time.perf_counter() - t0
-
     changes: dict[str, int] = {}
     for label, pass_result in getattr(manager, "history", []):
         changes[label] = changes.get(label, 0) + pass_result.changes
+    return compressed, changes, result.declined
 
+
+def _prune(working: onnx.ModelProto, opts: CompressOptions):
+    from .prune import prune
+
+    return prune(
+        working,
+        ratio=opts.prune if opts.prune is not None else 0.0,
+        importance=opts.importance,
+        target_macs=opts.target_macs,
+        round_to=opts.round_to,
+        ignore=opts.prune_ignore,
+        calib=opts.calib,
+        reconstruct=opts.reconstruct,
+        global_ranking=opts.global_ranking,
+        seed=opts.seed,
+    )
+
+
+def _quantize(model: onnx.ModelProto, opts: CompressOptions):
+    from .quantize import quantize
+
+    return quantize(
+        model,
+        opts.calib,
+        method=opts.calib_method,
+        activations=opts.activations,
+        symmetric=opts.symmetric,
+        per_channel=not opts.per_tensor,
+        # The numba back end widens to int16 and cannot saturate: full 8-bit weights. ONNX
+        # Runtime's u8s8 kernels saturate without VNNI unless weights have 7 bits.
+        weight_bits=8 if opts.target == "numba" else 7,
+        exclude=opts.exclude,
+        cle=opts.cle,
+        bias_correction=opts.bias_correction,
+        min_agreement=opts.min_agreement,
+    )
+
+
+def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, CompressReport]:
+    """Run the whole job: [prune] -> lossless pipeline (verified strictly) -> [quantize].
+
+    The lossless pipeline is checked against its own input within ``tolerance`` and raises
+    :class:`VerificationError` when it is not within it. Pruning and quantization change the
+    function on purpose: their cost is measured against the original (``report.fidelity``:
+    cosine, top-1 agreement, max diff) and reported, not enforced — ``min_agreement`` is the
+    knob that enforces accuracy for quantization.
+    """
+    opts = CompressOptions.from_kwargs(**options)
+    pipeline = resolve_pipeline(opts)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    original, working = load_for_compression(model)
+    seconds["load"] = time.perf_counter() - t0
+
+    prune_report = None
+    if opts.prunes:
+        t0 = time.perf_counter()
+        working, prune_report = _prune(working, opts)
+        seconds["prune"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    compressed, changes, declined = _run_lossless(working, opts, pipeline)
+    seconds["passes"] = time.perf_counter() - t0
+
+    real = load_feeds(opts.verify_inputs) if (opts.verify and opts.verify_inputs) else None
     verification = None
     if opts.verify:
         t0 = time.perf_counter()
-        real = load_feeds(opts.verify_inputs) if opts.verify_inputs else None
         verification = verify_models(
-            original,
+            working,
             compressed,
             tolerance=opts.tolerance,
             samples=opts.verify_samples,
@@ -122,20 +188,45 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
             input_shapes=dict(opts.input_shapes),
         )
         seconds["verify"] = time.perf_counter() - t0
+
+    final = compressed
+    quant_report = None
+    if opts.quantize and (verification is None or verification.passed or verification.skipped_reason):
+        t0 = time.perf_counter()
+        final, quant_report = _quantize(compressed, opts)
+        seconds["quantize"] = time.perf_counter() - t0
+
+    fidelity = None
+    if opts.lossy and opts.verify:
+        t0 = time.perf_counter()
+        fidelity = verify_models(
+            original,
+            final,
+            tolerance=opts.tolerance,
+            samples=opts.verify_samples,
+            seed=opts.seed,
+            real_feeds=real,
+            input_shapes=dict(opts.input_shapes),
+        )
+        seconds["fidelity"] = time.perf_counter() - t0
+
     report = CompressReport(
         before=model_stats(original),
-        after=model_stats(compressed),
+        after=model_stats(final),
         size_before=file_size(original),
-        size_after=file_size(compressed),
+        size_after=file_size(final),
         pipeline=pipeline,
         pass_changes=changes,
-        declined=result.declined,
+        declined=declined,
         verification=verification,
         seconds=seconds,
+        prune=prune_report,
+        quantization=quant_report,
+        fidelity=fidelity,
     )
     if verification is not None and not verification.passed and verification.skipped_reason is None:
         raise VerificationError(f"verification failed: {verification.summary()}", report)
-    return compressed, report
+    return final, report
 
 
 def compress(model: Any, **options: Any) -> onnx.ModelProto:

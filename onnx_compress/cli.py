@@ -1,7 +1,10 @@
 """The ``onnx-compress`` command line.
 
     onnx-compress IN.onnx OUT.onnx [options]     compress (default lossless pipeline), verify, save
-    onnx-compress inspect IN.onnx                op histogram, parameters, MACs, inputs/outputs
+    onnx-compress IN OUT --prune 0.3 [--quantize int8 --calib DATA]   lossy steps, reported
+    onnx-compress inspect IN.onnx [--groups]     op histogram, parameters, MACs, inputs/outputs
+    onnx-compress run MODEL --input F.npz --output O.npz [--backend numba|onnxruntime]
+    onnx-compress bench MODEL [--backend numba|onnxruntime|both] [--batch N] [--threads T]
 
 Exit codes (also in the README):
 
@@ -43,7 +46,7 @@ EXIT_USAGE = 2
 EXIT_INVALID_MODEL = 3
 EXIT_VERIFICATION = 4
 
-SUBCOMMANDS = ("inspect",)
+SUBCOMMANDS = ("inspect", "run", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +79,7 @@ def _compress_parser() -> argparse.ArgumentParser:
         description="Make an ONNX model smaller and faster, and prove it still computes the same function.",
         epilog=(
             f"passes: {', '.join(PASS_FACTORIES)}. default pipeline: {', '.join(DEFAULT_PIPELINE)}. "
-            "Other commands: 'onnx-compress inspect MODEL'. Exit codes: 0 ok, 2 usage/output path, "
+            "Other commands: 'onnx-compress inspect MODEL [--groups]', 'onnx-compress run', 'onnx-compress bench'. Exit codes: 0 ok, 2 usage/output path, "
             "3 invalid or unsupported model, 4 verification failed, 1 internal error."
         ),
     )
@@ -100,9 +103,13 @@ def _compress_parser() -> argparse.ArgumentParser:
             )
         elif meta["kind"] == "shapes":
             parser.add_argument(meta["flag"], dest=dest, action="append", type=_parse_shape, metavar=meta["metavar"], help=meta["help"])
+        elif meta["choices"]:
+            parser.add_argument(meta["flag"], dest=dest, choices=meta["choices"],
+                                help=f"{meta['help']} (default: {f.default})")
         else:
             default = f.default
-            parser.add_argument(meta["flag"], dest=dest, type=type(default) if default is not None else str,
+            value_type = meta["type"] or (type(default) if default is not None else str)
+            parser.add_argument(meta["flag"], dest=dest, type=value_type,
                                 metavar=meta["metavar"], help=f"{meta['help']} (default: {default})")
         # "append" actions extend their default in place, so theirs is None (= not given)
         parser.set_defaults(**{dest: None if meta["kind"] == "shapes" else dataclasses.MISSING})
@@ -153,12 +160,35 @@ def _print_table(report, out) -> None:
     print(f"{'':<{width}}  {'before':>10}  {'after':>10}  {'change':>8}", file=out)
     for label, before, after, change in rows:
         print(f"{label:<{width}}  {before:>10}  {after:>10}  {change:>8}", file=out)
+    if report.prune is not None:
+        p = report.prune
+        pruned = sum(1 for g in p.groups if g.removed)
+        print(f"pruning: {pruned} of {len(p.groups)} channel groups pruned ({len(p.frozen)} frozen), "
+              f"MACs {_human(p.macs_before)} -> {_human(p.macs_after)}, importance {p.importance}, "
+              f"strategy {p.strategy}" + (f", {len(p.reconstructed)} layers refitted" if p.reconstructed else ""), file=out)
     changed = ", ".join(f"{k} {v}" for k, v in report.pass_changes.items() if v)
     print(f"passes: {changed or 'nothing to change'}", file=out)
     if report.verification is None:
         print("verification: skipped (--no-verify)", file=out)
     else:
-        print(f"verification: {report.verification.summary()}", file=out)
+        print(f"verification (lossless passes): {report.verification.summary()}", file=out)
+    if report.quantization is not None:
+        q = report.quantization
+        kernels = ""
+        if q.kernels is not None:
+            kernels = (f", in ORT {sum(q.kernels.integer_ops.values())} integer kernels and "
+                       f"{len(q.kernels.float_islands)} float islands")
+        print(f"quantization: {len(q.quantized_nodes)} nodes INT8 ({q.method} calibration on {q.samples} samples)"
+              f"{kernels}" + (f", {len(q.float_layers)} layers kept in float" if q.float_layers else "")
+              + ("" if q.holdout is None else f"; held-back split: {q.holdout.summary()}"), file=out)
+    if report.fidelity is not None:
+        f = report.fidelity
+        top1 = f.top1_agreement
+        print("fidelity vs original (lossy, reported): "
+              + ("not measured: " + f.skipped_reason if f.skipped_reason else
+                 f"cosine {f.min_cosine:.5f}, max |diff| {f.max_abs_diff:.3g} ({f.max_rel_diff:.3g} of range)"
+                 + ("" if top1 is None else f", top-1 agreement {top1 * 100:.1f}%")
+                 + f" on {f.feeds} input set(s) ({f.real_feeds} real)"), file=out)
 
 
 def _write_report(path: str, payload: dict) -> None:
@@ -190,6 +220,8 @@ def _run_compress(argv: Sequence[str]) -> int:
     ir_io.check_output_path(args.output, args.input)
     try:
         compressed, report = compress_with_report(args.input, **options)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     except VerificationError as exc:
         if args.report and exc.report is not None:
             _write_report(args.report, exc.report.as_dict())
@@ -210,10 +242,13 @@ def _run_inspect(argv: Sequence[str]) -> int:
     parser = _Parser(prog="onnx-compress inspect", description="Describe an ONNX model.")
     parser.add_argument("input")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--groups", action="store_true", help="list the coupled-channel groups structured pruning sees")
     _add_common(parser)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     model = ir_io.load_model(args.input)
+    if args.groups:
+        return _print_groups(model, as_json=args.json)
     stats = model_stats(model)
     if args.json:
         print(json.dumps({**stats.as_dict(), "bytes": file_size(model)}, indent=2))
@@ -234,12 +269,70 @@ def _run_inspect(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _print_groups(model, *, as_json: bool) -> int:
+    from .prune import list_groups
+
+    groups = list_groups(model)
+    if as_json:
+        print(json.dumps([g.as_dict() for g in groups], indent=2))
+        return EXIT_OK
+    frozen = sum(1 for g in groups if g.frozen)
+    print(f"{len(groups)} channel groups, {len(groups) - frozen} prunable, {frozen} frozen")
+    for g in groups:
+        members = ", ".join(str(m) for m in g.members[:4]) + (f", ... (+{len(g.members) - 4})" if len(g.members) > 4 else "")
+        state = "FROZEN: " + "; ".join(g.reasons) if g.frozen else "prunable"
+        print(f"  group {g.id:3d}: {g.channels:5d} channels, {len(g.members):3d} members  {state}")
+        print(f"             {members}")
+    return EXIT_OK
+
+
+def _run_run(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="onnx-compress run", description="Run a model on feeds from an .npz and save the outputs.")
+    parser.add_argument("model")
+    parser.add_argument("--input", required=True, metavar="FEEDS.npz", help="inputs keyed by input name")
+    parser.add_argument("--output", required=True, metavar="OUT.npz", help="where the outputs go (atomic write)")
+    parser.add_argument("--backend", choices=("numba", "onnxruntime"), default="numba")
+    parser.add_argument("--threads", type=int, default=None)
+    _add_common(parser)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from .runtime_cli import run_command
+
+    ir_io.check_output_path(args.output, args.model, args.input)
+    run_command(args.model, args.input, args.output, args.backend, threads=args.threads)
+    if not args.quiet:
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _run_bench(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="onnx-compress bench", description="Median/p90 latency per back end, and their ratio.")
+    parser.add_argument("model")
+    parser.add_argument("--backend", choices=("numba", "onnxruntime", "both"), default="both")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    _add_common(parser)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from .runtime_cli import bench_command
+
+    bench_command(args.model, backend=args.backend, batch=args.batch, threads=args.threads,
+                  repeats=args.repeats, warmup=args.warmup)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
         if argv and argv[0] == "inspect":
             return _run_inspect(argv[1:])
+        if argv and argv[0] == "run":
+            return _run_run(argv[1:])
+        if argv and argv[0] == "bench":
+            return _run_bench(argv[1:])
         return _run_compress(argv)
     except VerificationError as exc:
         print(f"onnx-compress: {exc}; nothing written", file=sys.stderr)
@@ -258,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxCompressError as exc:
         print(f"onnx-compress: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+    except SystemExit as exc:  # argparse: usage errors (2), --help/--version (0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("onnx-compress: interrupted; nothing written", file=sys.stderr)
         return 130

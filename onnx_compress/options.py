@@ -14,8 +14,10 @@ from typing import Any
 from .passes.fold_constants import DEFAULT_SIZE_LIMIT_BYTES
 
 
-def _opt(default: Any, flag: str, help: str, *, kind: str = "value", metavar: str | None = None, factory=None):
-    meta = {"flag": flag, "help": help, "kind": kind, "metavar": metavar}
+def _opt(default: Any, flag: str, help: str, *, kind: str = "value", metavar: str | None = None, factory=None,
+         type=None, choices=None, group: str = "lossless"):
+    meta = {"flag": flag, "help": help, "kind": kind, "metavar": metavar, "type": type, "choices": choices,
+            "group": group}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +54,42 @@ class CompressOptions:
     )
     max_steps: int = _opt(3, "--max-steps", "how many times the pipeline may run to reach a fixed point", metavar="N")
 
+    # structured pruning (lossy; runs first, on the model as given, so BatchNorm scales are still there)
+    prune: float | None = _opt(None, "--prune", "remove this fraction of channels in every prunable group",
+                               metavar="R", type=float, group="prune")
+    importance: str = _opt("l1", "--importance", "channel importance", choices=("l1", "l2", "random", "bn_scale", "activation"),
+                           group="prune")
+    target_macs: float | None = _opt(None, "--target-macs", "prune until this fraction of the MACs is left (overrides --prune's ratio)",
+                                     metavar="F", type=float, group="prune")
+    round_to: int = _opt(8, "--round-to", "keep channel counts at multiples of N", metavar="N", group="prune")
+    prune_ignore: tuple[str, ...] = _opt((), "--prune-ignore", "comma-separated node names, regexes or op types never pruned",
+                                         kind="list", metavar="PATTERNS", factory=tuple, group="prune")
+    global_ranking: bool = _opt(False, "--global-ranking", "rank channels across groups instead of a uniform ratio",
+                                kind="flag", group="prune")
+    reconstruct: bool = _opt(False, "--reconstruct", "refit the layers after pruned channels by least squares on --calib data",
+                             kind="flag", group="prune")
+
+    # calibration data, shared by pruning (activation importance, reconstruction) and quantization
+    calib: str | None = _opt(None, "--calib", "calibration data: .npz keyed by input name, folder of .npz, or folder of images",
+                             metavar="PATH", group="calib")
+
+    # INT8 post-training quantization (lossy; runs last)
+    quantize: str | None = _opt(None, "--quantize", "quantize weights and activations", choices=("int8",), group="quantize")
+    calib_method: str = _opt("percentile", "--calib-method", "activation range estimate",
+                             choices=("minmax", "percentile", "entropy", "mse"), group="quantize")
+    per_tensor: bool = _opt(False, "--per-tensor", "one weight scale per tensor instead of per output channel",
+                            kind="flag", group="quantize")
+    activations: str = _opt("u8", "--activations", "activation integer type", choices=("u8", "s8"), group="quantize")
+    symmetric: bool = _opt(False, "--symmetric", "symmetric activation ranges (zero point 0)", kind="flag", group="quantize")
+    target: str = _opt("ort", "--target", "back end the QDQ placement is for", choices=("ort", "numba"), group="quantize")
+    cle: bool = _opt(False, "--cle", "cross-layer equalization before quantizing (off by default: measured worse on MobileNetV2)",
+                     kind="flag", group="quantize")
+    bias_correction: bool = _opt(True, "--no-bias-correction", "skip empirical bias correction", kind="negflag", group="quantize")
+    min_agreement: float | None = _opt(None, "--min-agreement", "keep the most sensitive layers in float until top-1 agreement "
+                                       "with FP32 on a held-back split reaches this", metavar="X", type=float, group="quantize")
+    exclude: tuple[str, ...] = _opt((), "--exclude", "comma-separated node names, regexes or op types left in float",
+                                    kind="list", metavar="PATTERNS", factory=tuple, group="quantize")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "CompressOptions":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -60,13 +98,45 @@ class CompressOptions:
             raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if kwargs.get("passes") is not None:
             kwargs["passes"] = tuple(kwargs["passes"])
-        if "skip" in kwargs:
-            kwargs["skip"] = tuple(kwargs["skip"])
+        for key in ("skip", "prune_ignore", "exclude"):
+            if key in kwargs:
+                value = kwargs[key]
+                kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
         if "input_shapes" in kwargs:
             shapes = kwargs["input_shapes"]
             items = shapes.items() if isinstance(shapes, dict) else shapes
             kwargs["input_shapes"] = tuple((str(k), tuple(int(d) for d in v)) for k, v in items)
-        return cls(**kwargs)
+        options = cls(**kwargs)
+        options.check()
+        return options
+
+    def check(self) -> None:
+        """Raise ValueError for option values that cannot work together."""
+        if self.prune is not None and not 0.0 <= self.prune < 1.0:
+            raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ValueError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.reconstruct and not self.calib:
+            raise ValueError("--reconstruct needs calibration data: give --calib")
+        if self.importance == "activation" and not self.calib:
+            raise ValueError("--importance activation needs calibration data: give --calib")
+        if self.quantize and not self.calib:
+            raise ValueError("--quantize int8 needs calibration data: give --calib (weight-only quantization is not offered)")
+        if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
+            raise ValueError(f"--min-agreement must be in (0, 1], got {self.min_agreement}")
+        for name in ("importance", "calib_method", "activations", "target", "quantize"):
+            choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune is not None or self.target_macs is not None
+
+    @property
+    def lossy(self) -> bool:
+        return self.prunes or self.quantize is not None
 
 
 def option_fields() -> list[dataclasses.Field]:
