@@ -171,7 +171,9 @@ def _print_table(report, out) -> None:
     if report.verification is None:
         print("verification: skipped (--no-verify)", file=out)
     else:
-        print(f"verification (lossless passes): {report.verification.summary()}", file=out)
+        lossy = report.prune is not None or report.quantization is not None
+        label = "verification (lossless passes)" if lossy else "verification"
+        print(f"{label}: {report.verification.summary()}", file=out)
     if report.quantization is not None:
         q = report.quantization
         kernels = ""
