@@ -34,6 +34,19 @@ transformer turns ``DQ -> op -> Q`` groups into integer kernels):
 ``32767``. Default here: uint8 activations with **7-bit weights** (``qmax_w = 63``, so
 ``255*64*2 = 32640`` fits), which makes the fused kernels exact on every x86 CPU (the digits test
 proves it against ORT's own defaults). ``weight_bits=8`` is for VNNI CPUs and GPU back ends.
+**Depthwise Convs** (``group == C_out``, ``W [C, 1, k...]``) get 8-bit weights by default
+(``depthwise_weight_bits=8``): ORT's QLinearConv runs them in MLAS's depthwise kernels, never in
+the GEMM. With symmetric int8 weights that is ``MlasConvSymDepthwiseKernelAvx2`` (channels a
+multiple of 16), which zero-extends each uint8 input and sign-extends each int8 weight to 32 bits
+(``vpmovzxbd``/``vpmovsxbd``) and multiplies with ``vpmaddwd``: each 32-bit lane is the int16 pair
+``(x, 0) . (w, sign)`` = ``x*w`` exactly; otherwise ``MlasConvDepthwiseKernel[Avx2]``, which widens
+both to int16, subtracts the zero points and forms the full 32-bit product
+(``mullo``/``mulhi_epi16``). Neither has an int16 pair sum, so 8-bit depthwise weights cannot
+saturate on any x86 CPU (checked against ORT's MLAS sources: ``qdwconv.cpp``,
+``ConvSymKernelAvx2.asm``, ``convsym.cpp``, ``qlinearconv.cc``). Grouped convolutions with several
+channels per group go through the GEMM and keep ``weight_bits``. Quantized weights chosen elsewhere
+(GPTQ, :mod:`~onnx_compress.passes.weight_rounding`) are passed as ``InsertQDQPass(ranges, config,
+weights={node name: (q, scale)})`` and checked against the same integer bound.
 
 Options (:class:`QuantConfig`): ``activations`` ``u8``/``s8``, ``symmetric``, ``per_channel``,
 ``weight_bits`` 7/8, ``op_types``, ``exclude`` (node names, regular expressions matched in full

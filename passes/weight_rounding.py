@@ -122,10 +122,10 @@ def collect_hessians(
                             _batch_axis_free(model)):
         values = dict(zip(names, session.run(names, {k: feed[k] for k in inputs})))
         for node, w, a in layers:
-            x = values[node.input[0]].astype(np.float64)
+            x = np.asarray(values[node.input[0]], np.float32)  # products in float32, sums in float64
             if node.op_type == "Gemm":
                 rows = x.reshape(-1, x.shape[-1])
-                h, n = rows.T @ rows, rows.shape[0]
+                h, n = (rows.T @ rows).astype(np.float64), rows.shape[0]
             else:
                 patches = _unfold(x, tuple(w.shape[2:]), a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
                                   a.get("dilations", [1, 1]))
@@ -133,10 +133,10 @@ def collect_hessians(
                 if int(a.get("group", 1)) == 1:
                     # columns ordered (c_in, kernel position), as W.reshape(C_out, -1)
                     cols = patches.reshape(batch, channels * k, -1).transpose(1, 0, 2).reshape(channels * k, -1)
-                    h, n = cols @ cols.T, cols.shape[1]
+                    h, n = (cols @ cols.T).astype(np.float64), cols.shape[1]
                 else:
                     cols = patches.transpose(1, 2, 0, 3, 4).reshape(channels, k, -1)
-                    h, n = np.matmul(cols, cols.transpose(0, 2, 1)), cols.shape[2]
+                    h, n = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64), cols.shape[2]
             sums[node.name] = sums.get(node.name, 0.0) + h
             counts[node.name] = counts.get(node.name, 0) + n
     return {name: sums[name] / counts[name] for name in sums}

@@ -141,11 +141,21 @@ def test_digits_int8_matches_fp32_in_ort_integer_kernels(digits, record_property
     float_compute = {"Conv", "FusedConv", "Gemm", "FusedGemm", "Add", "MatMul", "Clip", "Relu"}
     assert not float_compute & set(kernels.float_ops), kernels.summary()
 
-    # the non-VNNI trap: every u8 x s8 pair sum fits int16 (7-bit weights), so the fused kernels
-    # cannot saturate on any x86 CPU
+    # the non-VNNI trap: every u8 x s8 pair sum of the GEMM-based kernels (vpmaddubsw) fits int16
+    # (7-bit weights), so they cannot saturate on any x86 CPU; depthwise Convs (group == C_out,
+    # W [C, 1, k, k]) run in MLAS's depthwise kernels, which widen both operands to 16/32 bits
+    # before multiplying (exact for any int8 weight), and may use all 8 bits
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
-    weights = [inits[n.input[0]] for n in quantized.graph.node
-               if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
-               and inits[n.input[0]].dtype == np.int8]
+    readers = {i: n for n in quantized.graph.node for i in n.input}
+    weights = []
+    for n in quantized.graph.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or w.dtype != np.int8:
+            continue
+        reader = readers[n.output[0]]
+        group = next((a.i for a in reader.attribute if a.name == "group"), 1)
+        weights.append((reader.op_type == "Conv" and group == w.shape[0] and w.shape[1] == 1, w))
     assert len(weights) == 5
-    assert all(2 * 255 * int(np.abs(w).max()) <= 32767 for w in weights)
+    assert all(2 * 255 * int(np.abs(w).max()) <= 32767 for depthwise, w in weights if not depthwise)
+    assert any(depthwise for depthwise, _ in weights)
+    assert all(int(np.abs(w).max()) <= 127 for _, w in weights)

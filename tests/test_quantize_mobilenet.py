@@ -59,3 +59,55 @@ def test_mobilenet_v2_int8_agreement_beats_ort(mobilenet, record_property):
     assert ours >= 0.95, (ours, report.summary())
     assert ours >= ort_default + 0.20, (ours, ort_default)
     assert ours >= ort_channel + 0.20, (ours, ort_channel)
+
+
+@pytest.fixture(scope="module")
+def default_run(mobilenet):
+    from onnx_compress.quantize import quantize
+
+    path, model, calib, evaluation, reference = mobilenet
+    feeds = [{"input": calib[i : i + 1]} for i in range(len(calib))]
+    quantized, report = quantize(model, feeds, progress=False)
+    return quantized, report, _agreement(quantized, evaluation, reference)
+
+
+def test_mobilenet_v2_int8_default_pipeline_beats_ort(mobilenet, default_run, record_property):
+    """The default pipeline (no layer kept float): every Conv an integer kernel, >= 20 points above
+    ORT quantize_static both ways, and the saturation bound of the kernels ORT uses."""
+    from onnx import numpy_helper
+
+    path, model, calib, evaluation, reference = mobilenet
+    quantized, report, ours = default_run
+    ort_default = _agreement(bench.ort_quantize_static(path, calib, per_channel=False), evaluation, reference)
+    ort_channel = _agreement(bench.ort_quantize_static(path, calib, per_channel=True), evaluation, reference)
+    record_property("ours_default", ours)
+    logger.warning("MobileNetV2 default pipeline: ours %.3f, ORT default %.3f, ORT per-channel %.3f (%s)",
+                   ours, ort_default, ort_channel, report.summary())
+    assert not report.float_layers
+    assert report.kernels is not None and report.kernels.integer_ops["QLinearConv"] == 52, report.kernels.summary()
+    assert report.kernels.integer_ops["QGemm"] == 1 and report.kernels.float_total == 0, report.kernels.summary()
+    # GEMM-based kernels: 7-bit (2 * 255 * 63 <= 32767); depthwise kernels widen first: 8-bit allowed
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    readers = {i: n for n in quantized.graph.node for i in n.input}
+    depthwise = 0
+    for n in quantized.graph.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or w.dtype != np.int8:
+            continue
+        reader = readers[n.output[0]]
+        group = next((a.i for a in reader.attribute if a.name == "group"), 1)
+        if reader.op_type == "Conv" and group == w.shape[0] and w.shape[1] == 1:
+            depthwise += 1
+            assert int(np.abs(w.astype(np.int16)).max()) <= 127
+        else:
+            assert 2 * 255 * int(np.abs(w.astype(np.int16)).max()) <= 32767, reader.name
+    assert depthwise == 17
+    assert ours >= ort_default + 0.20, (ours, ort_default)
+    assert ours >= ort_channel + 0.20, (ours, ort_channel)
+
+
+@pytest.mark.xfail(strict=True, reason="the default pipeline reaches 87.5 % on this split, the bar is 95 % "
+                                       "(measurements in onnx_compress/quantize.py)")
+def test_mobilenet_v2_int8_default_pipeline_reaches_the_bar(default_run):
+    quantized, report, ours = default_run
+    assert ours >= 0.95, (ours, report.summary())
