@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
-from .ir.errors import InvalidModelError, UnsupportedModelError
+from .ir.errors import InvalidModelError, OnnxCompressError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,11 @@ def verify_models(
     real_feeds = list(real_feeds or [])
     report = VerificationReport(tolerance=tolerance, feeds=0, real_feeds=len(real_feeds))
     ref_sess = reference_session(original)
-    new_sess = reference_session(compressed)
+    try:
+        new_sess = reference_session(compressed)
+    except UnsupportedModelError as exc:
+        # The original loads, so this is our bug, not the user's model: exit code 1, not 3.
+        raise OnnxCompressError(f"internal error: the compressed model does not load in ONNX Runtime ({exc})") from exc
     names = [o.name for o in ref_sess.get_outputs()]
     new_names = [o.name for o in new_sess.get_outputs()]
     if names != new_names:
