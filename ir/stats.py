@@ -137,7 +137,6 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, bool]:
             if w is None or x is None or y is None:
                 symbolic_any = True
                 continue
-            group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
             kernel = int(np.prod(w[2:])) if len(w) > 2 else 1
             if op == "Conv":
                 macs += y[0] * y[1] * int(np.prod(y[2:])) * w[1] * kernel

@@ -87,7 +87,7 @@ def validate_model(
         if light.ByteSize() < 2**31 - 1:
             try:
                 onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
-            except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+            except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
                 # confirm on the full model, so that a stripped weight can never cause a refusal
                 # (a model over 2 GiB cannot go to onnx's shape inference whole: not checked, as before)
                 if model.ByteSize() >= 2**31 - 1:

@@ -175,18 +175,22 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
     seconds["passes"] = time.perf_counter() - t0
 
     real = load_feeds(opts.verify_inputs) if (opts.verify and opts.verify_inputs) else None
-    verification = None
-    if opts.verify:
-        t0 = time.perf_counter()
-        verification = verify_models(
-            working,
-            compressed,
+
+    def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> VerificationReport:
+        return verify_models(
+            reference,
+            candidate,
             tolerance=opts.tolerance,
             samples=opts.verify_samples,
             seed=opts.seed,
             real_feeds=real,
             input_shapes=dict(opts.input_shapes),
         )
+
+    verification = None
+    if opts.verify:
+        t0 = time.perf_counter()
+        verification = compare(working, compressed)
         seconds["verify"] = time.perf_counter() - t0
 
     final = compressed
@@ -199,15 +203,7 @@ def compress_with_report(model: Any, **options: Any) -> tuple[onnx.ModelProto, C
     fidelity = None
     if opts.lossy and opts.verify:
         t0 = time.perf_counter()
-        fidelity = verify_models(
-            original,
-            final,
-            tolerance=opts.tolerance,
-            samples=opts.verify_samples,
-            seed=opts.seed,
-            real_feeds=real,
-            input_shapes=dict(opts.input_shapes),
-        )
+        fidelity = compare(original, final)
         seconds["fidelity"] = time.perf_counter() - t0
 
     report = CompressReport(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import make_constant, producer, unique_name
+from ..ir.graph import constant_value, is_graph_input, make_constant, producer, unique_name
 
 _STANDARD_DOMAINS = (None, "", "ai.onnx")
 
@@ -171,3 +171,18 @@ class _Fold:
                 return f"bias shape does not match the {label} channel count"
             b_new = b * s + t
         return w.astype(np.float64) * s.reshape(1, channels), b_new
+
+
+def constant_float_weight(graph: gs.Graph, node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | str:
+    """``(tensor, value)`` of ``node``'s weight (input 1), or the reason it cannot be folded into."""
+    weight = present(node, 1)
+    if weight is None:
+        return f"{node.op} has no weight"
+    if is_graph_input(graph, weight):
+        return "weight is a graph input"
+    w = constant_value(weight)
+    if w is None:
+        return "weight is not constant"
+    if not np.issubdtype(w.dtype, np.floating):
+        return "weight is not floating point"
+    return weight, w

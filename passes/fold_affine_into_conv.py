@@ -61,7 +61,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir.graph import bypass_node, constant_value, is_graph_input, is_graph_output, producer, rank
-from ._weights import FOLDABLE_LINEAR_OPS, fold_scale_shift, is_standard, new_weight, output_channels, present
+from ._weights import (
+    FOLDABLE_LINEAR_OPS,
+    constant_float_weight,
+    fold_scale_shift,
+    is_standard,
+    new_weight,
+    output_channels,
+    present,
+)
 from .base import Match, RewriteRule, RewriteRulePass
 
 logger = logging.getLogger(__name__)
@@ -156,16 +164,10 @@ class _FoldAffineRule(RewriteRule):
             if reason:
                 return reason
 
-        weight = present(linear, 1)
-        if weight is None:
-            return f"{linear.op} has no weight"
-        if is_graph_input(graph, weight):
-            return "weight is a graph input"
-        w = constant_value(weight)
-        if w is None:
-            return "weight is not constant"
-        if not np.issubdtype(w.dtype, np.floating):
-            return "weight is not floating point"
+        found = constant_float_weight(graph, linear)
+        if isinstance(found, str):
+            return found
+        weight, w = found
         channels = output_channels(linear, w)
         if channels is None:
             return f"{linear.op} weight has an unexpected shape {tuple(w.shape)}"

@@ -67,7 +67,7 @@ from ..ir.graph import (
     rank,
     unique_name,
 )
-from ._weights import _STANDARD_DOMAINS, FOLDABLE_LINEAR_OPS, fold_scale_shift, is_standard, new_weight, present
+from ._weights import _STANDARD_DOMAINS, FOLDABLE_LINEAR_OPS, constant_float_weight, fold_scale_shift, is_standard, new_weight, present
 from .base import Match, RewriteRule, RewriteRulePass
 
 logger = logging.getLogger(__name__)
@@ -144,16 +144,10 @@ class _FoldBatchNormRule(RewriteRule):
             return stats
         s, t = stats
 
-        weight = _present(src, 1)
-        if weight is None:
-            return f"{src.op} has no weight"
-        if is_graph_input(graph, weight):
-            return "weight is a graph input"
-        w = constant_value(weight)
-        if w is None:
-            return "weight is not constant"
-        if not np.issubdtype(w.dtype, np.floating):
-            return "weight is not floating point"
+        found = constant_float_weight(graph, src)
+        if isinstance(found, str):
+            return found
+        weight, w = found
         if len(weight.outputs) != 1:
             return "weight initializer shared outside the match"
         bias_tensor = _present(src, 2)
