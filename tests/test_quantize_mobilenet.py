@@ -41,7 +41,7 @@ def test_mobilenet_v2_int8_agreement_beats_ort(mobilenet, record_property):
     path, model, calib, evaluation, reference = mobilenet
     assert len(calib) <= 32 and len(evaluation) == 72
     feeds = [{"input": calib[i : i + 1]} for i in range(len(calib))]
-    quantized, report = quantize(model, feeds, min_agreement=0.99, progress=False)
+    quantized, report = quantize(model, feeds, min_agreement=0.99, holdout=0.5, progress=False)
     ours = _agreement(quantized, evaluation, reference)
     ort_default = _agreement(bench.ort_quantize_static(path, calib, per_channel=False), evaluation, reference)
     ort_channel = _agreement(bench.ort_quantize_static(path, calib, per_channel=True), evaluation, reference)
