@@ -77,7 +77,8 @@ def _kernel_counts(model) -> dict:
     }
 
 
-def worker(tool: str, method: str, samples: int, model_path: str, size: int, seed: int, out: str) -> None:
+def worker(tool: str, method: str, samples: int, model_path: str, size: int, seed: int, out: str,
+           batch_size: int = 16) -> None:
     """One configuration in this (fresh) process; writes its JSON to ``out``."""
     import logging
 
@@ -91,7 +92,7 @@ def worker(tool: str, method: str, samples: int, model_path: str, size: int, see
         t0 = time.perf_counter()
         quantized, report = quantize(
             model_path, _feeds(samples, size, seed), method=method, weight_rounding="nearest",
-            bias_correction=False, report_kernels=False, progress=False,
+            bias_correction=False, report_kernels=False, progress=False, batch_size=batch_size,
         )
         with tempfile.TemporaryDirectory() as tmp:
             onnx.save(quantized, str(Path(tmp) / "q.onnx"))
@@ -122,11 +123,13 @@ def worker(tool: str, method: str, samples: int, model_path: str, size: int, see
     Path(out).write_text(json.dumps(row))
 
 
-def run_config(tool: str, method: str, samples: int, model_path: Path, size: int, seed: int) -> dict:
+def run_config(tool: str, method: str, samples: int, model_path: Path, size: int, seed: int,
+               batch_size: int = 16) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, method, str(samples),
-               str(model_path), "--input-size", str(size), "--seed", str(seed), "--worker-out", str(out)]
+               str(model_path), "--input-size", str(size), "--seed", str(seed), "--worker-out", str(out),
+               "--batch-size", str(batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -147,7 +150,7 @@ def folded_model(src: Path, cache: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    from benchmarks.models import DEFAULT_CACHE_DIR, resnet_onnx
+    from benchmarks.models import DEFAULT_CACHE_DIR, resnet_onnx  # torch is imported only when exporting
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 64, 256])
@@ -155,32 +158,46 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="our calibration batch (quantize's batch_size): peak memory scales with it, not with samples")
     parser.add_argument("--cache", default=os.environ.get("ONNX_COMPRESS_BENCH_CACHE", str(DEFAULT_CACHE_DIR)))
     parser.add_argument("--json", default=None)
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no-ort", action="store_true", help="skip ORT quantize_static")
     parser.add_argument("--worker", nargs=4, metavar=("TOOL", "METHOD", "SAMPLES", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         tool, method, samples, model_path = args.worker
-        worker(tool, method, int(samples), model_path, args.input_size, args.seed, args.worker_out)
+        worker(tool, method, int(samples), model_path, args.input_size, args.seed, args.worker_out, args.batch_size)
         return 0
 
-    cache = Path(args.cache)
-    src = resnet_onnx(args.model, input_size=args.input_size, cache_dir=cache)
-    folded = folded_model(src, cache)
+    if args.prepare_out:  # in a subprocess of its own (see below)
+        cache = Path(args.cache)
+        src = resnet_onnx(args.model, input_size=args.input_size, cache_dir=cache)
+        Path(args.prepare_out).write_text(json.dumps([str(src), str(folded_model(src, cache))]))
+        return 0
+    # Export and folding run in a child: Linux carries a process's RSS high-water mark into the
+    # children it forks (their ru_maxrss starts at the parent's RSS), so this parent stays small.
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = Path(tmp) / "paths.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--input-size",
+                        str(args.input_size), "--cache", args.cache, "--prepare-out", str(paths)],
+                       check=True, cwd=str(ROOT))
+        src, folded = (Path(p) for p in json.loads(paths.read_text()))
     rows = []
     for n in args.samples:  # interleaved: ours (each method), ORT, for each sample count
         for method in args.methods:
-            rows.append(run_config("ours", method, n, src, args.input_size, args.seed))
+            rows.append(run_config("ours", method, n, src, args.input_size, args.seed, args.batch_size))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if not args.no_ort:
             rows.append(run_config("ort", "minmax", n, folded, args.input_size, args.seed))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-    print(f"{args.model} {args.input_size}px, random-normal calibration samples, one fresh process per row")
+    print(f"{args.model} {args.input_size}px, random-normal calibration samples, one fresh process per row, "
+          f"our calibration batch {args.batch_size}")
     print(f"{'tool':26s} {'samples':>7s} {'time s':>7s} {'calib s':>7s} {'peak RSS GB':>11s} {'base GB':>7s} "
           f"{'int Conv':>9s} {'int Add':>8s}")
     for r in rows:

@@ -50,6 +50,31 @@ Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
 * Flatten(axis=f) with static ``X [d_0, ..., d_{r-1}]``: ``Y[:, c * P + s] <-> X[:, c]`` for
   ``a == f``, ``P = d_{f+1} * ... * d_{r-1}``, all ``s < P`` (so ``Linear(C*H*W)`` after
   ``Flatten`` loses whole ``H*W`` blocks of columns); axis 0 one to one when ``f == 1``.
+* Reshape (axis factorisation). For the incoming axis ``a`` of one side with static sizes
+  ``[C, t_1, ...]`` from ``a`` on, ``T = t_1 * ...``, take the innermost axis ``b`` of the other
+  side whose static tail product equals ``C * T``, with ``T' = `` the product after ``b``. Element
+  counts are conserved, so the leading (flattened) index agrees on both sides and channel ``c``
+  covers flat offsets ``[c T, (c+1) T)``. If ``T' = r T``: ``X[.., c] <-> Y[.., c // r]`` (``C ->
+  heads x head_dim`` with ``r = head_dim``: a channel is a whole head); if ``T = r T'``:
+  ``Y[.., j] <-> X[.., j // r]`` (``heads x head_dim -> C``, ``C x H x W -> C*H*W``). A tail that is
+  not static, or channels that straddle the new axes (an inner factor such as ``head_dim``, or a
+  channel shuffle's group axis), is a barrier. The target-shape entry of the pruned output axis
+  must be ``-1`` (left alone) or a constant, directly or as a constant piece of a 1-D ``Concat``
+  (torch's ``x.size()[:-1] + (H, D)``); after pruning it becomes the kept count. An entry computed
+  at run time or ``0`` (copy the input size) is a barrier.
+* Shape: no link; allowed when every consumer reads other axes only (``Gather``/``Slice`` with
+  constant indices, torch's batch and sequence lengths), else a barrier.
+* MatMul of two activations (attention ``Q K^T`` and ``P V``), ``A [..., M, K] B [..., K, N]``:
+  batch axes (the heads) one to one with broadcasting as for element-wise ops, ``A`` axis ``-2``
+  <-> ``Y`` axis ``-2``, ``B`` axis ``-1`` <-> ``Y`` axis ``-1``; the contraction axis is a barrier.
+  With the Reshape and Transpose rules this makes ``Q``, ``K``, ``V`` and the output projection's
+  input rows of one attention layer a single group whose channels are whole heads; removing a
+  head from softmax attention equals zeroing its ``V`` columns and output-projection rows (the
+  masked reference does both).
+* LayerNormalization: axes before ``axis`` one to one; the normalised axes (and scale/bias) are
+  a barrier, "LayerNormalization normalises over the pruned axis": removing a hidden channel
+  changes the mean and variance every other channel is normalised with, so a residual stream
+  through LayerNorm stays frozen (an encoder's FFN width and heads are what prune).
 * Transpose: input axis ``perm[j]`` <-> output axis ``j``. Squeeze/Unsqueeze: the axes that stay.
 * Reduce* (keepdims or not), Softmax/LogSoftmax (opset >= 13), Resize (scale 1 or constant sizes
   on the axis), Pad (zero pads on the axis): one to one on axes they do not reduce / normalise /
@@ -58,14 +83,14 @@ Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
 Weights and per-channel parameters need not be constants: the coupling holds whatever produces
 them (torch's legacy exporter reads BatchNormalization statistics through ``Identity``), and the
 producer's own rule must then carry the cut (or freeze the group). Only MatMul requires a
-constant 2-D right operand, which is what tells a Linear layer from an attention product.
+constant 2-D right operand to be a Linear layer; a product of two activations is attention.
 
-Everything else (Reshape, DepthToSpace, LayerNormalization, Gather, attention MatMuls, dynamic
-shapes, graph inputs and outputs) is a barrier until a rule is written for it.
+Everything else (DepthToSpace, GroupNormalization, Gather, dynamic shapes, graph inputs and
+outputs) is a barrier until a rule is written for it.
 
 Each rule may also implement ``apply(actx, node)``, called after a plan is chosen and before
 weights are sliced, to rewrite what depends on channel counts (``group``, ``split`` sizes, Slice
-``starts``/``ends``, Resize ``sizes``). ``actx.kept(tensor, axis)`` gives the boolean keep mask of
+``starts``/``ends``, Resize ``sizes``, Reshape target shapes). ``actx.kept(tensor, axis)`` gives the boolean keep mask of
 a dim (None when nothing on it is removed).
 """
 
@@ -418,6 +443,9 @@ class MatMulRule(ChannelRule):
     def couple(self, ctx, node, tensor, axis):
         a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
         bv = constant_value(b)
+        if bv is None and constant_value(a) is None:
+            self._product(ctx, node, tensor, axis)
+            return
         if bv is None or bv.ndim != 2:
             raise Barrier("right operand is not a constant matrix")
         if constant_value(a) is not None:
@@ -436,6 +464,52 @@ class MatMulRule(ChannelRule):
             ctx.link(ctx.dim(tensor, axis), None, ctx.dim(other, axis), None)
         else:
             raise Barrier(f"'{tensor.name}' is not mapped")
+
+
+    @staticmethod
+    def _product(ctx, node, tensor, axis):
+        """Product of two activations (attention): batch axes (heads) one to one, rows of ``A``
+        and columns of ``B`` with those of ``Y``; the contraction axis is a barrier."""
+        a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        ra, rb, ry = tensor_rank(a), tensor_rank(b), tensor_rank(y)
+        if ra < 2 or rb < 2:
+            raise Barrier("1-D operand in a product of two activations")
+        # position of the incoming axis in Y's frame
+        if tensor is y:
+            ay = axis
+        elif tensor is a:
+            if axis == ra - 1:
+                raise Barrier("contraction axis of a product of two activations")
+            ay = axis + ry - ra
+        elif tensor is b:
+            if axis == rb - 2:
+                raise Barrier("contraction axis of a product of two activations")
+            ay = ry - 1 if axis == rb - 1 else axis + ry - rb
+        else:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        out_size = ctx.axis_size(y, ay)
+        if out_size is None:
+            raise Barrier(f"size of '{y.name}' axis {ay} unknown")
+        if ay == ry - 2:
+            pairs = [(a, ra - 2), (y, ay)]
+        elif ay == ry - 1:
+            pairs = [(b, rb - 1), (y, ay)]
+        else:  # a batch axis (attention heads): numpy broadcasting over the leading axes
+            pairs = [(y, ay)]
+            for t, r in ((a, ra), (b, rb)):
+                at = ay - (ry - r)
+                if 0 <= at < r - 2:
+                    size = ctx.axis_size(t, at)
+                    if size is None:
+                        raise Barrier(f"size of '{t.name}' axis {at} unknown")
+                    if size == 1 and out_size != 1:
+                        continue  # broadcast along this axis: exempt
+                    pairs.append((t, at))
+        here = ctx.dim(tensor, axis)
+        for t, at in pairs:
+            if t is tensor and at == axis:
+                continue
+            ctx.link(here, None, ctx.dim(t, at), None)
 
 
 class PoolRule(ChannelRule):
@@ -782,6 +856,142 @@ class PadRule(ChannelRule):
         ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
 
 
+def _reshape_entry(node: gs.Node, j: int) -> tuple[gs.Node, int, np.ndarray, int]:
+    """Where entry ``j`` of a Reshape's target shape lives: ``(node, input slot, value, index)``.
+
+    The shape is a constant, or a 1-D Concat (used only by this Reshape) whose piece holding
+    entry ``j`` is a constant; anything else is computed at run time and is a barrier.
+    """
+    shape = node.inputs[1]
+    value = constant_value(shape)
+    if value is not None:
+        return node, 1, np.asarray(value).reshape(-1), j
+    src = shape.inputs[0] if shape.inputs else None
+    if src is None or src.op != "Concat" or len(shape.outputs) != 1:
+        raise Barrier(f"target size of axis {j} is computed at run time")
+    offset = 0
+    for k, piece in enumerate(src.inputs):
+        pv = constant_value(piece)
+        n = pv.size if pv is not None else (piece.shape[0] if piece.shape and isinstance(piece.shape[0], int) else None)
+        if n is None:
+            raise Barrier("length of a target-shape piece is unknown")
+        if offset <= j < offset + n:
+            if pv is None:
+                raise Barrier(f"target size of axis {j} is computed at run time")
+            return src, k, np.asarray(pv).reshape(-1), j - offset
+        offset += n
+    raise Barrier(f"target shape has no entry {j}")
+
+
+class ReshapeRule(ChannelRule):
+    """Reshape as axis factorisation (see the module docstring): ``C -> heads x head_dim``,
+    ``heads x head_dim -> C``, ``C x H x W -> C*H*W``."""
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("the target shape is not a channel tensor")
+        other = y if tensor is x else x
+        rt, ro = tensor_rank(tensor), tensor_rank(other)
+        tail = [ctx.axis_size(tensor, a) for a in range(axis, rt)]
+        if any(d is None for d in tail):
+            raise Barrier(f"shape of '{tensor.name}' from axis {axis} on is not static")
+        inner = int(np.prod(tail[1:], dtype=np.int64))
+        block = tail[0] * inner
+        match, prod = None, 1
+        for b in range(ro - 1, -1, -1):
+            s = ctx.axis_size(other, b)
+            if s is None:
+                raise Barrier(f"size of '{other.name}' axis {b} is unknown (computed at run time)")
+            prod *= s
+            if prod == block:
+                match = b
+                break
+            if prod > block:
+                break
+        if match is None:
+            raise Barrier(f"axis {axis} of '{tensor.name}' is merged with or split across other axes")
+        o_inner = prod // ctx.axis_size(other, match)
+        ya = match if other is y else axis  # the axis of Y whose target size may change
+        _, _, value, idx = _reshape_entry(node, ya)
+        v = int(value[idx])
+        if v == 0 and not int(node.attrs.get("allowzero", 0)):
+            raise Barrier(f"target size of axis {ya} copies the input size (0)")
+        if v not in (-1, ctx.axis_size(y, ya)):
+            raise Barrier(f"target size {v} of axis {ya} does not match the inferred shape")
+        here, there = ctx.dim(tensor, axis), ctx.dim(other, match)
+        if o_inner >= inner:
+            if o_inner % inner:
+                raise Barrier(f"axis {axis} of '{tensor.name}' straddles the new axes")
+            idx_t = np.arange(ctx.size(here))
+            ctx.link(here, idx_t, there, idx_t // (o_inner // inner))
+        else:
+            if inner % o_inner:
+                raise Barrier(f"axis {axis} of '{tensor.name}' straddles the new axes")
+            idx_o = np.arange(ctx.size(there))
+            ctx.link(there, idx_o, here, idx_o // (inner // o_inner))
+
+    def apply(self, actx, node):
+        y = node.outputs[0]
+        for j in range(tensor_rank(y)):
+            keep = actx.kept(y, j)
+            if keep is None:
+                continue
+            entry_node, slot, value, idx = _reshape_entry(node, j)
+            if int(value[idx]) == -1:
+                continue
+            new = np.array(value, copy=True)
+            new[idx] = int(keep.sum())
+            actx.set_input_constant(entry_node, slot, new)
+
+
+class ShapeRule(ChannelRule):
+    """Shape: allowed when no consumer reads the size of the channel axis (torch reads batch and
+    sequence lengths through ``Shape -> Gather`` / ``Shape -> Slice``)."""
+
+    def couple(self, ctx, node, tensor, axis):
+        r = tensor_rank(tensor)
+        start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", r))
+        start, end = _clamp(start, r), _clamp(end, r)
+        if not start <= axis < end:
+            return
+        if not node.outputs[0].outputs and ctx.is_used(node.outputs[0]):
+            raise Barrier(f"the size of axis {axis} is a graph output")
+        pos = axis - start  # the entry of the Shape output that holds the pruned size
+        n = end - start
+        for user in node.outputs[0].outputs:
+            if user.op == "Gather" and int(user.attrs.get("axis", 0)) == 0:
+                idx = constant_value(user.inputs[1])
+                if idx is not None and pos not in {int(i) % n for i in np.asarray(idx).reshape(-1)}:
+                    continue
+            elif user.op == "Slice" and len(user.inputs) >= 3:
+                try:
+                    starts, ends, _, steps = _slice_params(ctx, user, 1)
+                except Barrier:
+                    starts = None
+                if (starts is not None and len(starts) == 1 and steps[0] == 1
+                        and not _clamp(starts[0], n) <= pos < _clamp(ends[0], n)):
+                    continue
+            raise Barrier(f"the size of axis {axis} is read at run time ({user.op} node '{user.name}')")
+
+
+class LayerNormalizationRule(ChannelRule):
+    """LayerNormalization: axes before ``axis`` one to one; the normalised axes are barriers
+    (removing a channel changes the mean and variance of every other one)."""
+
+    def couple(self, ctx, node, tensor, axis):
+        if any(o is not None and o.name and ctx.is_used(o) for o in node.outputs[1:]):
+            raise Barrier("Mean/InvStdDev outputs are used")
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("LayerNormalization normalises over the pruned axis")
+        r = tensor_rank(x)
+        if axis >= norm_axis(int(node.attrs.get("axis", -1)), r):
+            raise Barrier("LayerNormalization normalises over the pruned axis")
+        other = y if tensor is x else x
+        ctx.link(ctx.dim(tensor, axis), None, ctx.dim(other, axis), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry
 
@@ -831,6 +1041,9 @@ def _build_rules() -> dict[str, ChannelRule]:
     rules["Resize"] = ResizeRule()
     rules["Pad"] = PadRule()
     rules["Constant"] = ConstantRule()
+    rules["Reshape"] = ReshapeRule()
+    rules["Shape"] = ShapeRule()
+    rules["LayerNormalization"] = LayerNormalizationRule()
     return rules
 
 

@@ -23,6 +23,8 @@ keep masks of its channel dims (:func:`mac_model`):
 
 * Conv ``group == 1``, ConvTranspose ``group == 1``, Gemm, MatMul:
   ``M' = M * (kept_in / in) * (kept_out / out)``;
+* MatMul of two activations (attention ``Q K^T``, ``P V``): ``M' = M * kept_heads / heads``
+  when a batch axis of its output carries a group (the heads);
 * grouped Conv / ConvTranspose: whole conv groups go, the channels per group stay, so
   ``M' = M * kept_groups / groups`` (the output resp. input fraction).
 
@@ -41,7 +43,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..ir.graph import static_shape
+from ..ir.graph import constant_value, static_shape
 from .apply import keep_masks
 from .graph import DependencyGraph
 
@@ -201,7 +203,10 @@ def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bo
         else:
             if len(xs) < 2:
                 continue
-            terms.append((int(np.prod(ys)) * xs[-1], dim_id(x, len(xs) - 1), dim_id(y, len(ys) - 1), False))
+            din, dout = dim_id(x, len(xs) - 1), dim_id(y, len(ys) - 1)
+            if dout is None and constant_value(w) is None:  # attention product: heads on a batch axis
+                dout = next((dim_id(y, a) for a in range(len(ys) - 2) if dim_id(y, a) is not None), None)
+            terms.append((int(np.prod(ys)) * xs[-1], din, dout, False))
     return terms
 
 

@@ -141,6 +141,7 @@ def _quantize(model: onnx.ModelProto, opts: CompressOptions):
         # The numba back end widens to int16 and cannot saturate: full 8-bit weights. ONNX
         # Runtime's u8s8 kernels saturate without VNNI unless weights have 7 bits.
         weight_bits=8 if opts.target == "numba" else 7,
+        target="trt" if opts.target == "trt" else "ort",
         exclude=opts.exclude,
         cle=opts.cle,
         bias_correction=opts.bias_correction,

@@ -81,7 +81,7 @@ class CompressOptions:
                             kind="flag", group="quantize")
     activations: str = _opt("u8", "--activations", "activation integer type", choices=("u8", "s8"), group="quantize")
     symmetric: bool = _opt(False, "--symmetric", "symmetric activation ranges (zero point 0)", kind="flag", group="quantize")
-    target: str = _opt("ort", "--target", "back end the QDQ placement is for", choices=("ort", "numba"), group="quantize")
+    target: str = _opt("ort", "--target", "back end the QDQ placement is for", choices=("ort", "trt", "numba"), group="quantize")
     cle: bool = _opt(False, "--cle", "cross-layer equalization before quantizing (off by default: measured worse on MobileNetV2)",
                      kind="flag", group="quantize")
     bias_correction: bool = _opt(True, "--no-bias-correction", "skip empirical bias correction", kind="negflag", group="quantize")

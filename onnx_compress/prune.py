@@ -16,7 +16,9 @@ Before lifting, the model goes through the project's constant folding and no-op 
 (:class:`~onnx_compress.passes.FoldConstantsPass`, :class:`~onnx_compress.passes.EliminateNoOpPass`)
 so that ``Shape``-computed Slice bounds (torch's ``chunk``) and Identity-wrapped weights become
 plain constants the channel rules can read. BatchNormalization is *not* folded here: ``bn_scale``
-importance reads its gamma, and the pruned BN is sliced like any per-channel op.
+importance reads its gamma, and the pruned BN is sliced like any per-channel op. When ONNX's
+shape inference leaves a Reshape output dimension unknown (transformers' ``[batch, seq, -1, d]``
+head split), ONNX Runtime's symbolic shape inference fills it in so the head count is provable.
 
 Options (keyword-only, one per CLI flag):
 
@@ -201,9 +203,44 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return to_model(graph, like=model)
 
 
+def _unknown_reshape_dims(model: onnx.ModelProto) -> bool:
+    """Whether some Reshape output has a dimension ONNX shape inference could not name."""
+    known = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        vi = known.get(node.output[0])
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return True
+        if any(not d.HasField("dim_value") and d.dim_param.startswith("unk__") or
+               not d.HasField("dim_value") and not d.dim_param for d in vi.type.tensor_type.shape.dim):
+            return True
+    return False
+
+
+def _infer_symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference when ONNX's left Reshape outputs unknown.
+
+    ``Reshape(x, [batch, seq, -1, 32])`` with batch and seq read from another tensor's Shape (the
+    way transformers exports attention) defeats ONNX's inference: it cannot prove that the -1 is
+    the head count. The symbolic engine carries ``batch``/``seq`` through and solves it (12 for
+    MiniLM), which is what the Reshape channel rule needs; on any failure the model is kept.
+    """
+    if not _unknown_reshape_dims(model):
+        return model
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # a help, not a requirement
+        logger.debug("symbolic shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return model
+    return inferred if inferred is not None else model
+
+
 def _lift(model: Any, ignore: Sequence[str]) -> tuple[onnx.ModelProto, DependencyGraph]:
     original = ir_io.load_model(model)
-    working = _infer(_fold(original))
+    working = _infer_symbolic(_infer(_fold(original)))
     graph = to_graph(working)
     return original, build_dependency_graph(graph, ignore=tuple(ignore))
 

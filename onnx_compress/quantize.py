@@ -132,6 +132,7 @@ class QuantReport:
                 "symmetric": self.config.symmetric,
                 "per_channel": self.config.per_channel,
                 "weight_bits": self.config.weight_bits,
+                "target": self.config.target,
                 "exclude": list(self.config.exclude),
             },
             "method": self.method,
@@ -207,6 +208,7 @@ def quantize(
     report_kernels: bool = True,
     sensitivity_feeds: Sequence[dict] | None = None,
     progress: bool | None = None,
+    target: str = "ort",
 ) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` to INT8 QDQ with calibration data ``calib``.
 
@@ -219,6 +221,10 @@ def quantize(
     ``min_agreement``: keep the most sensitive layers (lowest one-layer SQNR on the held-back
     split) in float until top-1 agreement on the held-back split reaches it.
     ``sensitivity_feeds``: when given, per-layer SQNR on these feeds is added to the report.
+    ``target``: ``ort`` (ONNX Runtime CPU integer kernels) or ``trt`` (TensorRT explicit
+    quantization; implies s8 symmetric activations and 8-bit weights, overriding ``activations``,
+    ``symmetric``, ``weight_bits`` and ``depthwise_weight_bits``; see
+    :mod:`~onnx_compress.passes.insert_qdq`).
     """
     if method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
@@ -226,8 +232,10 @@ def quantize(
         raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {weight_rounding!r}")
     if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
+    if target == "trt":
+        activations, symmetric, weight_bits, depthwise_weight_bits = "s8", True, 8, 8
     config = QuantConfig(
-        activations=activations, symmetric=symmetric, per_channel=per_channel, weight_bits=weight_bits,
+        target=target, activations=activations, symmetric=symmetric, per_channel=per_channel, weight_bits=weight_bits,
         depthwise_weight_bits=depthwise_weight_bits, op_types=frozenset(op_types) if op_types is not None else DEFAULT_OP_TYPES, exclude=tuple(exclude),
     )
     seconds: dict[str, float] = {}

@@ -48,7 +48,28 @@ channels per group go through the GEMM and keep ``weight_bits``. Quantized weigh
 (GPTQ, :mod:`~onnx_compress.passes.weight_rounding`) are passed as ``InsertQDQPass(ranges, config,
 weights={node name: (q, scale)})`` and checked against the same integer bound.
 
-Options (:class:`QuantConfig`): ``activations`` ``u8``/``s8``, ``symmetric``, ``per_channel``,
+**Target ``trt``** (``QuantConfig.for_target("trt")``): TensorRT's explicit-quantization form, where
+Q/DQ pairs say which tensors TensorRT may keep in int8 and it fuses the rest itself. Everything is
+symmetric int8: activations s8 with ``z = 0``, ``s = max(|lo|, |hi|) / 127``; weights s8
+per-channel with ``qmax_w = 127`` (GPU int8 has no saturating int16 pair sums), ``z = 0``, axis as
+above. Placement:
+
+- Q -> DQ on the float activation **inputs** of Conv, ConvTranspose, Gemm and MatMul (both inputs
+  of an activation x activation MatMul); the weight is a DQ of int8 per-channel values; the bias
+  stays float (TensorRT folds it into the fused kernel in float).
+- **No output Q** on weighted ops: a Q reads a Conv/Gemm output only where that value is itself the
+  input of another weighted op or of a residual Add.
+- **Residual Add** (two non-constant inputs): Q -> DQ on both inputs, so TensorRT can fuse the Add
+  into the preceding Conv's epilogue with an int8 skip input. Adds with a constant, Mul and
+  pooling stay float (TensorRT fuses them as pointwise ops).
+- **Concat**: Q -> DQ on every non-constant input and on the output, all with **one** scale (the
+  inputs are aliases of the output, whose calibrated range is exactly the union of the inputs'),
+  so TensorRT concatenates in int8 without requantizing. Constant Concat inputs stay float.
+- Relu/Clip are not folded into the ranges (TensorRT fuses them by itself); pass-through ops
+  share their input's scale when both sides are quantized, as for ``ort``.
+
+Options (:class:`QuantConfig`): ``target`` ``ort``/``trt``, ``activations`` ``u8``/``s8``,
+``symmetric``, ``per_channel``,
 ``weight_bits`` 7/8, ``op_types``, ``exclude`` (node names, regular expressions matched in full
 against names, or op types), ``only`` (quantize just these node names). Excluded nodes stay
 float and read the *float* value of their inputs even where a neighbour quantizes that tensor:
@@ -86,6 +107,7 @@ PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squ
 DEFAULT_OP_TYPES = frozenset(WEIGHTED_OPS | ELEMENTWISE_OPS | POOL_OPS | {"Concat", "MaxPool"})
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 FLOAT_DTYPES = (np.float32,)
+TARGETS = ("ort", "trt")
 
 
 @dataclass(frozen=True)
@@ -103,8 +125,17 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     #: when set, only nodes with these names are quantized (per-layer sensitivity)
     only: frozenset[str] | None = None
+    #: placement: ``ort`` (ONNX Runtime CPU integer kernels) or ``trt`` (TensorRT explicit
+    #: quantization: symmetric s8, Q/DQ on weighted-op and residual-Add inputs only)
+    target: str = "ort"
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.target == "trt" and (self.activations != "s8" or not self.symmetric or self.weight_bits != 8
+                                     or self.depthwise_weight_bits != 8):
+            raise ValueError("target 'trt' needs activations='s8', symmetric=True and 8-bit weights "
+                             "(use QuantConfig.for_target('trt'))")
         if self.activations not in ("u8", "s8"):
             raise ValueError(f"activations must be 'u8' or 's8', got {self.activations!r}")
         if self.weight_bits not in (7, 8):
@@ -118,6 +149,13 @@ class QuantConfig:
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_target(cls, target: str, **options) -> "QuantConfig":
+        """The config of ``target``: ``trt`` fixes s8 symmetric activations and 8-bit weights."""
+        if target == "trt":
+            options.update(activations="s8", symmetric=True, weight_bits=8, depthwise_weight_bits=8)
+        return cls(target=target, **options)
 
     @property
     def act_dtype(self) -> type:
@@ -382,11 +420,51 @@ def _check_node(node: gs.Node) -> str | None:
     return f"op {node.op} is not quantized"
 
 
+def _plan_trt_node(
+    node: gs.Node, plan: QuantPlan, want, concat_groups: dict[str, list[str]], config: QuantConfig
+) -> None:
+    """TensorRT placement of one checked node (see the module docstring): inputs only."""
+    ins = node.inputs
+    label = node.name or node.op
+    if node.op in WEIGHTED_OPS:
+        values = [constant_value(t) for t in ins[:2]]
+        if node.op == "MatMul" and values[0] is not None:
+            plan.weights.append(WeightUse(node, 0, None))
+            want(ins[1])
+        elif node.op == "MatMul" and values[1] is None:
+            want(ins[0])
+            want(ins[1])
+        else:
+            plan.weights.append(WeightUse(node, 1, _weight_axis(node, values[1], config)))
+            want(ins[0])
+        plan.nodes.append(node)
+        return
+    if node.op == "Add":
+        if any(constant_value(t) is not None for t in ins):
+            plan.declined.append((label, "Add with a constant input stays float for TensorRT"))
+            return
+        for t in ins:
+            want(t)
+        plan.nodes.append(node)
+        return
+    if node.op == "Concat":
+        members = [t for t in ins if constant_value(t) is None]
+        for t in members:
+            want(t)
+        want(node.outputs[0])
+        concat_groups[node.outputs[0].name] = [t.name for t in members]
+        plan.nodes.append(node)
+        return
+    plan.declined.append((label, f"{node.op} stays float for TensorRT (fused as a pointwise op)"))
+
+
 def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> QuantPlan:
     """Which nodes, tensors, weights and biases :class:`InsertQDQPass` quantizes."""
     plan = QuantPlan()
     wanted: dict[str, None] = {}
     bounds: dict[str, tuple[float, float]] = {}
+    #: trt: Concat output -> its quantized inputs (one shared scale)
+    concat_groups: dict[str, list[str]] = {}
 
     def want(tensor: gs.Tensor) -> None:
         if tensor.name and constant_value(tensor) is None and _is_float(tensor):
@@ -418,8 +496,11 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
             continue
         if node.op == "MaxPool":
             continue  # pass-through: decided below
-        plan.nodes.append(node)
         ins = node.inputs
+        if config.target == "trt":
+            _plan_trt_node(node, plan, want, concat_groups, config)
+            continue
+        plan.nodes.append(node)
         if node.op in WEIGHTED_OPS and not (node.op == "MatMul" and constant_value(ins[1]) is None):
             w = constant_value(ins[1])
             plan.weights.append(WeightUse(node, 1, _weight_axis(node, w, config)))
@@ -455,7 +536,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
             continue
         src, dst = node.inputs[0], node.outputs[0]
         src_in, dst_in = src.name in wanted, dst.name in wanted
-        if node.op == "MaxPool" and (src_in or dst_in):
+        if node.op == "MaxPool" and (src_in or dst_in) and config.target != "trt":
             want(src)
             want(dst)
         elif not (src_in and dst_in):
@@ -465,6 +546,14 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
             if node.op == "MaxPool":
                 plan.nodes.append(node)
 
+    # trt: every Concat input shares the output's parameters (its range is the union of theirs)
+    for out, members in concat_groups.items():
+        if out not in wanted:
+            continue
+        for member in members:
+            root, target = plan.root(member), plan.root(out)
+            if member in wanted and root != target:
+                plan.alias[root] = target
     plan.quantized = list(wanted)
     for name, b in bounds.items():
         root = plan.root(name)
@@ -519,7 +608,7 @@ class InsertQDQPass(Pass):
         # weights and biases read the float tensors as they were before activation Q/DQ
         for use in plan.weights:
             self._quantize_weight(graph, use)
-        for node, index in plan.biases:
+        for node, index in plan.biases:  # empty for target trt: TensorRT keeps the bias float
             x = original_inputs[id(node)][0]
             w_use = next(u for u in plan.weights if u.node is node)
             self._quantize_bias(graph, node, index, params[x.name], w_use)
@@ -619,6 +708,7 @@ __all__ = [
     "DEFAULT_OP_TYPES",
     "InsertQDQPass",
     "QuantConfig",
+    "TARGETS",
     "QuantParams",
     "QuantPlan",
     "activation_params",
