@@ -706,9 +706,9 @@ def quantized_tensor_names(graph: gs.Graph, config: QuantConfig = QuantConfig())
 
 __all__ = [
     "DEFAULT_OP_TYPES",
+    "TARGETS",
     "InsertQDQPass",
     "QuantConfig",
-    "TARGETS",
     "QuantParams",
     "QuantPlan",
     "activation_params",

@@ -22,11 +22,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from onnx_compress.ir.graph import to_graph, to_model
 from onnx_compress.passes.calibration import collect_statistics, compute_range
-from onnx_compress.passes.insert_qdq import InsertQDQPass, QuantConfig, plan_quantization
+from onnx_compress.passes.insert_qdq import (
+    InsertQDQPass,
+    QuantConfig,
+    plan_quantization,
+)
 from onnx_compress.passes.quant_report import sqnr_db
+
 from onnx_compress.verify import reference_session
 
 TRT = QuantConfig.for_target("trt")
