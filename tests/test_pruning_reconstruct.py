@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import onnx
@@ -58,41 +56,12 @@ class DigitsNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits_model():
-    from sklearn.datasets import load_digits
+    from tests.digits import digits_split, train_and_export
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1300], order[1300:]
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = DigitsNet()
-        opt = torch.optim.Adam(net.parameters(), 1e-2)
-        xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(6):
-            net.train()
-            perm = torch.randperm(len(train), generator=gen)
-            for i in range(0, len(train), 64):
-                b = perm[i : i + 64]
-                opt.zero_grad()
-                F.cross_entropy(net(xt[b]), yt[b]).backward()
-                opt.step()
-        net.eval()
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), buf, dynamo=False, opset_version=17,
-                              do_constant_folding=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    finally:
-        torch.set_num_threads(threads)
-    model = onnx.load_from_string(buf.getvalue())
+    x_train, y_train, x_test, y_test = digits_split(1300)
+    model = train_and_export(DigitsNet, x_train, y_train, epochs=6, lr=1e-2, output_name="y", seeded_shuffle=True)
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 3
-    return model, x[train], x[test], y[test]
+    return model, x_train, x_test, y_test
 
 
 def _accuracy(model, x, y) -> float:

@@ -9,7 +9,6 @@ data is measured and recorded for comparison, not asserted.
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 from pathlib import Path
@@ -19,6 +18,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from tests.digits import digits_split, train_and_export
+
 logger = logging.getLogger(__name__)
 
 torch = pytest.importorskip("torch")
@@ -26,15 +27,7 @@ pytest.importorskip("sklearn")
 
 
 def _train_digits():
-    from sklearn.datasets import load_digits
-
     nn = torch.nn
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1200], order[1200:]
 
     class Net(nn.Module):
         def __init__(self):
@@ -51,29 +44,9 @@ def _train_digits():
             t = self.act(self.b4(self.c2(t)))
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = Net()
-        opt = torch.optim.Adam(net.parameters(), 3e-3)
-        xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-        for _ in range(30):
-            perm = torch.randperm(len(train))
-            for i in range(0, len(train), 64):
-                b = perm[i : i + 64]
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(xt[b]), yt[b]).backward()
-                opt.step()
-        net.eval()
-        buf = io.BytesIO()
-        torch.onnx.export(
-            net, torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17, do_constant_folding=False,
-            input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-        )
-    finally:
-        torch.set_num_threads(threads)
-    model = onnx.load_from_string(buf.getvalue())
-    return model, x[train], y[train], x[test], y[test]
+    x_train, y_train, x_test, y_test = digits_split(1200)
+    model = train_and_export(Net, x_train, y_train, epochs=30, lr=3e-3)
+    return model, x_train, y_train, x_test, y_test
 
 
 @pytest.fixture(scope="module")

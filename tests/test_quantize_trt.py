@@ -218,16 +218,10 @@ def _train_digits_small():
     """A digits-style CNN (Conv-BN-ReLU6, residual Conv block, GAP, Linear) on sklearn's 8x8 digits,
     trained briefly (3 epochs, seeded): enough to give it real, peaked logits."""
     torch = pytest.importorskip("torch")
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
-    import io
+    pytest.importorskip("sklearn.datasets")
+    from tests.digits import digits_split, train_and_export
 
     nn = torch.nn
-    torch.manual_seed(0)
-    digits = sklearn_datasets.load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1200], order[1200:]
 
     class Net(nn.Module):
         def __init__(self):
@@ -243,28 +237,9 @@ def _train_digits_small():
             t = self.act(self.b3(self.c3(t)))
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = Net()
-        opt = torch.optim.Adam(net.parameters(), 1e-2)
-        xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-        for _ in range(3):
-            perm = torch.randperm(len(train))
-            for i in range(0, len(train), 64):
-                b = perm[i : i + 64]
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(xt[b]), yt[b]).backward()
-                opt.step()
-        net.eval()
-        buf = io.BytesIO()
-        torch.onnx.export(
-            net, torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17, do_constant_folding=False,
-            input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return onnx.load_from_string(buf.getvalue()), x[train], y[train], x[test], y[test]
+    x_train, y_train, x_test, y_test = digits_split(1200)
+    model = train_and_export(Net, x_train, y_train, epochs=3, lr=1e-2)
+    return model, x_train, y_train, x_test, y_test
 
 
 @pytest.fixture(scope="module")
