@@ -186,3 +186,19 @@ def constant_float_weight(graph: gs.Graph, node: gs.Node) -> tuple[gs.Tensor, np
     if not np.issubdtype(w.dtype, np.floating):
         return "weight is not floating point"
     return weight, w
+
+
+def constant_float_bias(graph: gs.Graph, node: gs.Node) -> tuple[gs.Tensor | None, np.ndarray | None] | str:
+    """``(tensor, value)`` of ``node``'s optional bias (input 2; ``(None, None)`` when absent), or
+    the reason it cannot be folded into."""
+    bias_tensor = present(node, 2)
+    if bias_tensor is None:
+        return None, None
+    if is_graph_input(graph, bias_tensor):
+        return "bias is a graph input"
+    bias = constant_value(bias_tensor)
+    if bias is None:
+        return "bias is not constant"
+    if not np.issubdtype(bias.dtype, np.floating):
+        return "bias is not floating point"
+    return bias_tensor, bias

@@ -63,12 +63,12 @@ import onnx_graphsurgeon as gs
 from ..ir.graph import bypass_node, constant_value, is_graph_input, is_graph_output, producer, rank
 from ._weights import (
     FOLDABLE_LINEAR_OPS,
+    constant_float_bias,
     constant_float_weight,
     fold_scale_shift,
     is_standard,
     new_weight,
     output_channels,
-    present,
 )
 from .base import Match, RewriteRule, RewriteRulePass
 
@@ -208,16 +208,10 @@ class _FoldAffineRule(RewriteRule):
             if isinstance(bias, str):
                 return f"MatMul bias Add: {bias}"
         else:
-            bias_tensor = present(linear, 2)
-            bias = None
-            if bias_tensor is not None:
-                if is_graph_input(graph, bias_tensor):
-                    return "bias is a graph input"
-                bias = constant_value(bias_tensor)
-                if bias is None:
-                    return "bias is not constant"
-                if not np.issubdtype(bias.dtype, np.floating):
-                    return "bias is not floating point"
+            found = constant_float_bias(graph, linear)
+            if isinstance(found, str):
+                return found
+            bias_tensor, bias = found
 
         folded = fold_scale_shift(linear, w, bias, s, t, label="affine map")
         if isinstance(folded, str):

@@ -61,13 +61,12 @@ from ..ir.graph import (
     bypass_node,
     constant_value,
     copy_extras,
-    is_graph_input,
     is_graph_output,
     producer,
     rank,
     unique_name,
 )
-from ._weights import _STANDARD_DOMAINS, FOLDABLE_LINEAR_OPS, constant_float_weight, fold_scale_shift, is_standard, new_weight, present
+from ._weights import _STANDARD_DOMAINS, FOLDABLE_LINEAR_OPS, constant_float_bias, constant_float_weight, fold_scale_shift, is_standard, new_weight, present
 from .base import Match, RewriteRule, RewriteRulePass
 
 logger = logging.getLogger(__name__)
@@ -150,16 +149,10 @@ class _FoldBatchNormRule(RewriteRule):
         weight, w = found
         if len(weight.outputs) != 1:
             return "weight initializer shared outside the match"
-        bias_tensor = _present(src, 2)
-        bias = None
-        if bias_tensor is not None:
-            if is_graph_input(graph, bias_tensor):
-                return "bias is a graph input"
-            bias = constant_value(bias_tensor)
-            if bias is None:
-                return "bias is not constant"
-            if not np.issubdtype(bias.dtype, np.floating):
-                return "bias is not floating point"
+        found = constant_float_bias(graph, src)
+        if isinstance(found, str):
+            return found
+        bias_tensor, bias = found
 
         folded = fold_scale_shift(src, w, bias, s, t)
         if isinstance(folded, str):
