@@ -2,9 +2,8 @@
 
 ``compress`` loads (path, bytes or ModelProto), validates, lifts opsets below 11, optionally
 prunes, runs the lossless pass pipeline to a fixed point, verifies that pipeline's result in ONNX
-Runtime, and optionally quantizes to INT8. A
-result that changes the outputs beyond tolerance raises :class:`VerificationError` and nothing is
-returned (or written, by the CLI). ``compress_with_report`` returns the model together with a
+Runtime, and optionally quantizes to INT8. A lossless result that changes the outputs beyond
+tolerance raises :class:`VerificationError` and nothing is returned (or written, by the CLI). ``compress_with_report`` returns the model together with a
 :class:`CompressReport` (stats before/after, per-pass changes and declines, verification).
 """
 

@@ -122,6 +122,9 @@ class CompressOptions:
             raise ValueError("--importance activation needs calibration data: give --calib")
         if self.quantize and not self.calib:
             raise ValueError("--quantize int8 needs calibration data: give --calib (weight-only quantization is not offered)")
+        if self.quantize and self.fuse_activations:
+            raise ValueError("--fuse and --quantize do not combine: the quantizer places Q/DQ around plain "
+                             "Conv+activation pairs itself; quantize the unfused model")
         if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
             raise ValueError(f"--min-agreement must be in (0, 1], got {self.min_agreement}")
         for name in ("importance", "calib_method", "activations", "target", "quantize"):

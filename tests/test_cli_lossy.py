@@ -62,6 +62,7 @@ def test_quantize_then_prune_in_one_call(tiny_cnn_path, tmp_path, calib_npz):
         ["--reconstruct", "--prune", "0.3"],
         ["--prune", "1.5"],
         ["--importance", "nope", "--prune", "0.3"],
+        ["--fuse", "--quantize", "int8", "--calib", "calib.npz"],
     ],
 )
 def test_lossy_usage_errors_exit_2_and_write_nothing(tiny_cnn_path, tmp_path, args, capsys):
