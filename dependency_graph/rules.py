@@ -883,6 +883,24 @@ def _reshape_entry(node: gs.Node, j: int) -> tuple[gs.Node, int, np.ndarray, int
     raise Barrier(f"target shape has no entry {j}")
 
 
+def _shape_source(node: gs.Node) -> gs.Tensor | None:
+    """``t`` when a Reshape's target is the whole ``Shape(t)`` of a tensor of the output's rank
+    (torch's ``x.view(orig.shape)``, GroupNorm's way back from ``[N, G, -1]``), else None."""
+    shape = node.inputs[1]
+    src = shape.inputs[0] if shape.inputs else None
+    if src is None or src.op != "Shape" or not src.inputs:
+        return None
+    t = src.inputs[0]
+    try:
+        r = tensor_rank(t)
+        if tensor_rank(node.outputs[0]) != r:
+            return None
+    except Barrier:
+        return None
+    start, end = int(src.attrs.get("start", 0)), int(src.attrs.get("end", r))
+    return t if (_clamp(start, r), _clamp(end, r)) == (0, r) else None
+
+
 class ReshapeRule(ChannelRule):
     """Reshape as axis factorisation (see the module docstring): ``C -> heads x head_dim``,
     ``heads x head_dim -> C``, ``C x H x W -> C*H*W``."""
@@ -913,12 +931,18 @@ class ReshapeRule(ChannelRule):
             raise Barrier(f"axis {axis} of '{tensor.name}' is merged with or split across other axes")
         o_inner = prod // ctx.axis_size(other, match)
         ya = match if other is y else axis  # the axis of Y whose target size may change
-        _, _, value, idx = _reshape_entry(node, ya)
-        v = int(value[idx])
-        if v == 0 and not int(node.attrs.get("allowzero", 0)):
-            raise Barrier(f"target size of axis {ya} copies the input size (0)")
-        if v not in (-1, ctx.axis_size(y, ya)):
-            raise Barrier(f"target size {v} of axis {ya} does not match the inferred shape")
+        source = _shape_source(node)
+        if source is not None:  # the target size of axis ya is Shape(source)[ya] at run time
+            if ctx.axis_size(source, ya) != ctx.axis_size(y, ya):
+                raise Barrier(f"target size of axis {ya} is read from '{source.name}' of another size")
+            ctx.link(ctx.dim(y, ya), None, ctx.dim(source, ya), None)
+        else:
+            _, _, value, idx = _reshape_entry(node, ya)
+            v = int(value[idx])
+            if v == 0 and not int(node.attrs.get("allowzero", 0)):
+                raise Barrier(f"target size of axis {ya} copies the input size (0)")
+            if v not in (-1, ctx.axis_size(y, ya)):
+                raise Barrier(f"target size {v} of axis {ya} does not match the inferred shape")
         here, there = ctx.dim(tensor, axis), ctx.dim(other, match)
         if o_inner >= inner:
             if o_inner % inner:
@@ -933,6 +957,8 @@ class ReshapeRule(ChannelRule):
 
     def apply(self, actx, node):
         y = node.outputs[0]
+        if _shape_source(node) is not None:
+            return  # the target follows Shape(source), pruned consistently (linked one to one)
         for j in range(tensor_rank(y)):
             keep = actx.kept(y, j)
             if keep is None:
@@ -960,6 +986,10 @@ class ShapeRule(ChannelRule):
         pos = axis - start  # the entry of the Shape output that holds the pruned size
         n = end - start
         for user in node.outputs[0].outputs:
+            if user.op == "Reshape" and user.inputs[1] is node.outputs[0] and _shape_source(user) is tensor:
+                # Reshape(z, Shape(t)): its output takes t's (pruned) size on this axis
+                ctx.link(ctx.dim(tensor, axis), None, ctx.dim(user.outputs[0], axis), None)
+                continue
             if user.op == "Gather" and int(user.attrs.get("axis", 0)) == 0:
                 idx = constant_value(user.inputs[1])
                 if idx is not None and pos not in {int(i) % n for i in np.asarray(idx).reshape(-1)}:
@@ -990,6 +1020,286 @@ class LayerNormalizationRule(ChannelRule):
             raise Barrier("LayerNormalization normalises over the pruned axis")
         other = y if tensor is x else x
         ctx.link(ctx.dim(tensor, axis), None, ctx.dim(other, axis), None)
+
+
+class DepthToSpaceRule(ChannelRule):
+    """DepthToSpace (``DCR``/``CRD``) and SpaceToDepth (``space_to_depth=True``): the deep side's
+    channel axis factorises as ``b*b`` block positions x the shallow side's channels."""
+
+    def __init__(self, space_to_depth: bool = False):
+        self.space_to_depth = space_to_depth
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        if tensor_rank(x) != 4:
+            raise Barrier("input is not 4-D")
+        if axis == 0:
+            ctx.link(ctx.dim(x, 0), None, ctx.dim(y, 0), None)
+            return
+        if axis != 1:
+            raise Barrier(f"spatial axis {axis} is rearranged with the channels")
+        b = int(node.attrs.get("blocksize", 0))
+        deep, shallow = (y, x) if self.space_to_depth else (x, y)
+        c_deep, c_shallow = ctx.axis_size(deep, 1), ctx.axis_size(shallow, 1)
+        if b < 1 or c_deep is None or c_shallow is None or c_deep != b * b * c_shallow:
+            raise Barrier("channel counts do not match blocksize")
+        mode = node.attrs.get("mode", "DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        deep_idx = np.arange(c_deep)
+        if self.space_to_depth or mode == "DCR":
+            shallow_idx = deep_idx % c_shallow  # deep channel (i*b + j)*C + c
+        elif mode == "CRD":
+            shallow_idx = deep_idx // (b * b)  # deep channel c*b*b + i*b + j
+        else:
+            raise Barrier(f"unknown mode '{mode}'")
+        ctx.link(ctx.dim(deep, 1), deep_idx, ctx.dim(shallow, 1), shallow_idx)
+
+
+class GroupNormalizationRule(ChannelRule):
+    """GroupNormalization: a normalisation group is the atom; ``scale``/``bias`` per group
+    (opset 18-20) or per channel (opset >= 21); ``num_groups`` rewritten after pruning."""
+
+    def couple(self, ctx, node, tensor, axis):
+        if any(o is not None and o.name and ctx.is_used(o) for o in node.outputs[1:]):
+            raise Barrier("extra outputs are used")
+        x, y = node.inputs[0], node.outputs[0]
+        i = input_index(node, tensor)
+        if i is not None and i > 0:
+            if axis != 0:
+                raise Barrier("parameter axis is not 0")
+            tensor, axis = x, 1
+        if tensor is not x and tensor is not y:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        if axis == 0:
+            ctx.link(ctx.dim(x, 0), None, ctx.dim(y, 0), None)
+            return
+        if axis != 1:
+            raise Barrier(f"GroupNormalization normalises over axis {axis}")
+        g = int(node.attrs.get("num_groups", 0))
+        c = ctx.axis_size(x, 1)
+        if c is None or g < 1 or c % g:
+            raise Barrier(f"{c} channels not divisible into {g} groups")
+        cpg = c // g
+        dx, dy = ctx.dim(x, 1), ctx.dim(y, 1)
+        ctx.link(dx, None, dy, None)
+        first = np.arange(g) * cpg
+        ctx.link(dx, np.arange(c), dx, first[_group_blocks(c, g)])  # a whole group is one channel
+        per_channel = ctx.opset >= 21
+        expected = c if per_channel else g
+        for j, role in ((1, SCALE), (2, SHIFT)):
+            param = _present(node, j)
+            if param is None:
+                continue
+            if tensor_rank(param) != 1 or ctx.axis_size(param, 0) != expected:
+                raise Barrier(f"'{param.name}' does not hold one value per {'channel' if per_channel else 'group'}")
+            dp = ctx.dim(param, 0, role)
+            if per_channel:
+                ctx.link(dx, None, dp, None)
+            else:
+                ctx.link(dp, np.arange(g), dx, first)
+
+    def apply(self, actx, node):
+        keep = actx.kept(node.inputs[0], 1)
+        if keep is None:
+            return
+        cpg = keep.size // int(node.attrs["num_groups"])
+        node.attrs["num_groups"] = int(keep.sum()) // cpg
+
+
+def _gathered_positions(ctx, data: gs.Tensor, axis: int, idx: np.ndarray) -> np.ndarray:
+    """Constant indices into ``data`` axis ``axis``, made non-negative (Barrier if out of range)."""
+    n = ctx.axis_size(data, axis)
+    if n is None:
+        raise Barrier(f"size of the gathered axis {axis} unknown")
+    pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if pos.size and (pos.min() < -n or pos.max() >= n):
+        raise Barrier("index out of range")
+    return np.where(pos < 0, pos + n, pos)
+
+
+def _remap_positions(actx, data: gs.Tensor, axis: int, out: gs.Tensor, out_axis: int, pos: np.ndarray):
+    """New indices after pruning: kept output positions, renumbered among the kept data indices
+    (None when nothing changes)."""
+    keep_d, keep_o = actx.kept(data, axis), actx.kept(out, out_axis)
+    if keep_d is None and keep_o is None:
+        return None
+    sel = pos if keep_o is None else pos[keep_o]
+    if keep_d is None:
+        return sel
+    if not keep_d[sel].all():
+        raise ValueError(f"a gathered channel of '{data.name}' would be removed while its output stays")
+    return (np.cumsum(keep_d) - 1)[sel]
+
+
+class GatherRule(ChannelRule):
+    """Gather: axes other than ``axis`` pass through one to one. On the gathered axis, constant
+    1-D indices ``idx`` give ``Y[.., p] <-> X[.., idx[p]]`` (a channel gathered twice couples
+    both output positions); the indices are rewritten after pruning. A scalar index drops the
+    axis and multi-axis or run-time indices give no per-channel map: barriers."""
+
+    def couple(self, ctx, node, tensor, axis):
+        data, ind, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        r = tensor_rank(data)
+        a = norm_axis(int(node.attrs.get("axis", 0)), r)
+        q = tensor_rank(ind)
+        idx = constant_value(ind)
+        if tensor is ind:
+            if idx is not None:
+                raise Barrier("constant indices are not a channel tensor")
+            kind, k = "ind", axis
+        elif tensor is y:
+            kind, k = ("data", axis) if axis < a else (("ind", axis - a) if axis < a + q else ("data", axis - q + 1))
+        elif tensor is data:
+            kind, k = "data", axis
+        else:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        if kind == "data" and k != a:
+            ctx.link(ctx.dim(data, k), None, ctx.dim(y, k if k < a else k + q - 1), None)
+            return
+        if idx is None:
+            if kind == "ind":  # run-time indices: output axes a.. follow the indices' axes
+                ctx.link(ctx.dim(ind, k), None, ctx.dim(y, a + k), None)
+                return
+            raise Barrier(f"indices on axis {a} are computed at run time")
+        if q == 0:
+            raise Barrier(f"scalar index picks one channel of axis {a} and drops the axis")
+        if q > 1:
+            raise Barrier(f"{q}-D indices on axis {a}")
+        pos = _gathered_positions(ctx, data, a, idx)
+        if pos.size:
+            ctx.link(ctx.dim(data, a), pos, ctx.dim(y, a), np.arange(pos.size))
+
+    def apply(self, actx, node):
+        data, ind, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        idx = constant_value(ind)
+        if idx is None or idx.ndim != 1:
+            return
+        a = norm_axis(int(node.attrs.get("axis", 0)), tensor_rank(data))
+        if actx.kept(data, a) is None and actx.kept(y, a) is None:
+            return
+        n = data.values.shape[a] if isinstance(data, gs.Constant) else int(data.shape[a])
+        new = _remap_positions(actx, data, a, y, a, np.where(idx < 0, idx + n, idx).astype(np.int64))
+        if new is not None:
+            actx.set_input_constant(node, 1, new.astype(idx.dtype))
+
+
+class GatherNDRule(ChannelRule):
+    """GatherND (``batch_dims = 0``), indices ``[..., k]``: data axes from ``k`` on pass through
+    one to one; constant indices ``[P, 1]`` gather axis 0 like Gather (``Y[p] <-> X[idx[p, 0]]``,
+    rewritten after pruning, torch's ``x[:, [i, j]]`` under the dynamo exporter)."""
+
+    def couple(self, ctx, node, tensor, axis):
+        data, ind, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if int(node.attrs.get("batch_dims", 0)):
+            raise Barrier("batch_dims > 0")
+        if tensor is ind:
+            raise Barrier("indices are not a channel tensor")
+        k = ctx.axis_size(ind, tensor_rank(ind) - 1)
+        q = tensor_rank(ind) - 1  # leading output axes come from the indices
+        if k is None:
+            raise Barrier("index depth unknown")
+        if tensor is y:
+            if axis >= q:
+                tensor, axis = data, axis - q + k
+            elif q == 1 and k == 1:
+                tensor, axis = data, 0
+            else:
+                raise Barrier(f"output axis {axis} comes from the indices")
+        elif tensor is not data:
+            raise Barrier(f"'{tensor.name}' is not mapped")
+        if axis >= k:
+            ctx.link(ctx.dim(data, axis), None, ctx.dim(y, axis - k + q), None)
+            return
+        idx = constant_value(ind)
+        if idx is None:
+            raise Barrier("indices are computed at run time")
+        if not (q == 1 and k == 1):
+            raise Barrier(f"axis {axis} is indexed jointly with others")
+        pos = _gathered_positions(ctx, data, 0, idx)
+        if pos.size:
+            ctx.link(ctx.dim(data, 0), pos, ctx.dim(y, 0), np.arange(pos.size))
+
+    def apply(self, actx, node):
+        data, ind, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        idx = constant_value(ind)
+        if idx is None or idx.ndim != 2 or idx.shape[1] != 1 or int(node.attrs.get("batch_dims", 0)):
+            return
+        if actx.kept(data, 0) is None and actx.kept(y, 0) is None:
+            return
+        n = data.values.shape[0] if isinstance(data, gs.Constant) else int(data.shape[0])
+        flat = idx.reshape(-1).astype(np.int64)
+        new = _remap_positions(actx, data, 0, y, 0, np.where(flat < 0, flat + n, flat))
+        if new is not None:
+            actx.set_input_constant(node, 1, new.reshape(-1, 1).astype(idx.dtype))
+
+
+class ExpandRule(ChannelRule):
+    """Expand: axes aligned from the right; an axis of the same size on both sides is one to one
+    (its constant target entry, unless 1, becomes the kept count); a broadcast or new axis is a
+    barrier. torch's ``expand`` / ``repeat_interleave`` of key/value heads (GQA) goes through here."""
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("the target shape is not a channel tensor")
+        rx, ry = tensor_rank(x), tensor_rank(y)
+        k = tensor_rank(tensor) - axis
+        ax, ay = rx - k, ry - k
+        if ax < 0:
+            raise Barrier(f"axis {ay} is created by Expand")
+        sx, sy = ctx.axis_size(x, ax), ctx.axis_size(y, ay)
+        if sx is None or sy is None:
+            raise Barrier("sizes unknown")
+        if sx != sy:
+            raise Barrier(f"axis {ay} is broadcast by Expand")
+        j = self._length(node) - k
+        if j >= 0:  # the entry is a constant, directly or as a piece of a 1-D Concat
+            _, _, value, idx = _reshape_entry(node, j)
+            if int(value[idx]) not in (1, sy):
+                raise Barrier(f"target size {int(value[idx])} of axis {ay} does not match the inferred shape")
+        ctx.link(ctx.dim(x, ax), None, ctx.dim(y, ay), None)
+
+    @staticmethod
+    def _length(node: gs.Node) -> int:
+        shape = node.inputs[1]
+        value = constant_value(shape)
+        if value is not None:
+            return int(value.size)
+        if shape.shape and len(shape.shape) == 1 and isinstance(shape.shape[0], (int, np.integer)):
+            return int(shape.shape[0])
+        raise Barrier("length of the target shape is unknown")
+
+    def apply(self, actx, node):
+        y = node.outputs[0]
+        ry = tensor_rank(y)
+        for ay in range(ry):
+            keep = actx.kept(y, ay)
+            j = self._length(node) - (ry - ay)
+            if keep is None or j < 0:
+                continue
+            entry_node, slot, value, idx = _reshape_entry(node, j)
+            if int(value[idx]) != 1:
+                new = np.array(value, copy=True)
+                new[idx] = int(keep.sum())
+                actx.set_input_constant(entry_node, slot, new)
+
+
+class TileRule(ChannelRule):
+    """Tile: axes repeated once are one to one; a repeated axis is a barrier."""
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            raise Barrier("repeats are not a channel tensor")
+        repeats = const_input(node, 1, "repeats")
+        if repeats is None:
+            raise Barrier("repeats missing")
+        rep = int(np.asarray(repeats).reshape(-1)[axis])
+        if rep != 1:
+            raise Barrier(f"axis {axis} is tiled {rep} times")
+        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1044,6 +1354,13 @@ def _build_rules() -> dict[str, ChannelRule]:
     rules["Reshape"] = ReshapeRule()
     rules["Shape"] = ShapeRule()
     rules["LayerNormalization"] = LayerNormalizationRule()
+    rules["GroupNormalization"] = GroupNormalizationRule()
+    rules["DepthToSpace"] = DepthToSpaceRule()
+    rules["SpaceToDepth"] = DepthToSpaceRule(space_to_depth=True)
+    rules["Gather"] = GatherRule()
+    rules["GatherND"] = GatherNDRule()
+    rules["Expand"] = ExpandRule()
+    rules["Tile"] = TileRule()
     return rules
 
 

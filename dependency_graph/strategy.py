@@ -7,7 +7,8 @@ Rounding (``round_to = r``): hardware kernels are fastest on channel counts that
 of 8, but forcing a 12-channel group to 8 would prune 33 % when 30 % was asked. So rounding
 applies only to groups with ``C >= 2r`` channels: ``k = r * round(C (1 - ratio) / r)`` (half up),
 clamped to ``[r, C]``; smaller groups (and ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to
-``[1, C]``. A group is never pruned to zero channels. Note that a "channel" is the group's
+``[1, C]``. A group is never pruned to zero channels, and ``ratio = 0`` keeps all ``C`` (a
+42-channel group is not rounded to 40). Note that a "channel" is the group's
 pruning atom: for a grouped convolution it is a whole conv group.
 
 Global ranking (:func:`global_plan`): each group's scores are normalised by their mean,
@@ -55,6 +56,8 @@ Plan = dict[int, np.ndarray]  # group id -> kept channel indices (ascending)
 def kept_count(channels: int, ratio: float, round_to: int = 8) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:  # rounding alone never removes channels (42 would round to 40)
+        return channels
     target = channels * (1.0 - ratio)
     if round_to > 1 and channels >= 2 * round_to:
         k = round_to * int(math.floor(target / round_to + 0.5))

@@ -66,6 +66,13 @@ def jit_serial(fn):
     return numba.njit(**SERIAL_OPTIONS)(fn)
 
 
+def jit_inline(fn):
+    """``numba.njit`` with the serial options, inlined into its callers at Numba-IR level
+    (``inline="always"``): for small helpers taking many array arguments, whose call overhead
+    (every array is passed as a 7-field struct) would otherwise cost as much as their work."""
+    return numba.njit(inline="always", **SERIAL_OPTIONS)(fn)
+
+
 def jit_parallel(fn):
     """``numba.njit`` with ``parallel=True`` and the shared kernel options."""
     return numba.njit(**PARALLEL_OPTIONS)(fn)

@@ -43,6 +43,8 @@ from ._common import (
     to_nhwc,
 )
 from .config import jit_parallel
+from . import igemm
+from . import microkernel as mk
 from .gemm import _qgemm_kernel, check_accumulator
 from .reference import output_size, requant_multiplier
 
@@ -110,16 +112,62 @@ def _conv_depthwise_kernel(x, x_zp, wp, bias, mult, y_zp, lo, hi, sh, sw, pt, pl
                 out[n, oh, ow, m] = requant(acc[m], mult[m], y_zp, lo, hi) & 0xFF
 
 
+#: most taps for which the float32 depthwise accumulation is exact: T * 255 * 255 < 2**24
+DW_F32_MAX_TAPS = 258
+
+
+@jit_parallel
+def _conv_depthwise_f32_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo, out):
+    """Depthwise (one output channel per input channel), NHWC, flat arrays. Products of
+    ``x - z_x`` and ``w - z_w`` (both integers of magnitude <= 255) and their sums over at most
+    ``DW_F32_MAX_TAPS`` taps are integers below 2**24, hence exact in float32; the int32 bias is
+    added after the exact conversion back to an integer. Channels in blocks of 16 with the
+    ``microkernel.dw_fma16``/``requant16`` vector steps, the remainder in scalar code."""
+    n_b, h, w, c_n, oh_n, ow_n = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    kh_n, kw_n, sh, sw, pt, pl, dh, dw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    zf = np.float32(x_zp)
+    c16 = c_n - c_n % 16
+    row = ow_n * c_n
+    for r in prange(n_b * oh_n):
+        n = r // oh_n
+        oh = r % oh_n
+        acc = np.zeros(row, np.float32)
+        for kh in range(kh_n):
+            ih = oh * sh - pt + kh * dh
+            if ih < 0 or ih >= h:
+                continue
+            for kw in range(kw_n):
+                # output columns whose tap (kh, kw) lies inside the input: 0 <= ow*sw - pl + kw*dw < w
+                off = kw * dw - pl
+                ow_lo = 0 if off >= 0 else (-off + sw - 1) // sw
+                ow_hi = min(ow_n, (w - 1 - off) // sw + 1) if w - 1 - off >= 0 else 0
+                wb = (kh * kw_n + kw) * c_n
+                for ow in range(ow_lo, ow_hi):
+                    xb = ((n * h + ih) * w + ow * sw + off) * c_n
+                    ab = ow * c_n
+                    for cb in range(0, c16, 16):
+                        mk.dw_fma16(acc, ab + cb, x, xb + cb, wf, wb + cb, zf)
+                    for c in range(c16, c_n):
+                        acc[ab + c] += (np.float32(x[xb + c]) - zf) * wf[wb + c]
+        ob = (n * oh_n + oh) * row
+        for ow in range(ow_n):
+            ab = ow * c_n
+            for cb in range(0, c16, 16):
+                mk.requant16(acc, ab + cb, bias, cb, mult, y_zp, lo, hi, out, ob + ab + cb)
+            for c in range(c16, c_n):
+                out[ob + ab + c] = requant(np.int64(acc[ab + c]) + bias[c], mult[c], y_zp, lo, hi) & 0xFF
+
+
 @dataclass(frozen=True)
 class QConvParams:
     """Everything constant about one quantized convolution, validated and packed once."""
 
-    kind: str  # "gemm" | "depthwise" | "direct"
+    kind: str  # "gemm" | "depthwise" | "direct" (the shape class; ``fast`` set = VNNI/AVX2 kernel)
     x_dtype: np.dtype
     x_zp: int
     in_channels: int
     kernel_shape: tuple[int, int]
-    packed_w: np.ndarray  # int16, layout depends on kind (see the module docstring)
+    packed_w: np.ndarray  # int16, layout depends on kind (see the module docstring); int8 ``fast.packed`` when fast
     bias: np.ndarray  # int32 (M,)
     multiplier: np.ndarray  # float32 (M,)
     y_dtype: np.dtype
@@ -130,6 +178,13 @@ class QConvParams:
     pads: tuple[int, int, int, int]
     dilations: tuple[int, int]
     group: int
+    fast: igemm.IGemmPack | None = None  # packed operands of the VNNI/AVX2 kernel, when chosen
+    dw_f32: np.ndarray | None = None  # depthwise: ``packed_w`` flat as float32 (exact integers)
+
+    @property
+    def isa(self) -> str:
+        """The instruction set of the kernel chosen at packing time."""
+        return mk.ISA_NAMES[self.fast.isa] if self.fast is not None else "generic"
 
     @property
     def out_channels(self) -> int:
@@ -144,9 +199,13 @@ class QConvParams:
 
 def prepare_qconv(
     x_dtype, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias=None, *,
-    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, out_range=None,
+    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1, out_range=None, isa: str | None = None,
 ) -> QConvParams:
-    """Validate the constant operands of a QLinearConv and pack its weights for the kernel."""
+    """Validate the constant operands of a QLinearConv and pack its weights for the kernel.
+
+    ``isa``: None picks the fastest exact kernel for this CPU and these weights; "avx512vnni",
+    "avx2" or "generic" forces one (ValueError if it cannot run here; depthwise convolutions
+    always use their own kernel)."""
     x_dtype = np.dtype(x_dtype)
     if x_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
         raise TypeError(f"x must have dtype uint8 or int8, got {x_dtype}")
@@ -180,17 +239,26 @@ def prepare_qconv(
             raise ValueError(f"bias must have shape ({m_n},), got {bias_arr.shape}")
         bias_arr = np.ascontiguousarray(bias_arr)
     check_accumulator("w", cg * kh * kw, bias_arr)
-    ws = w.astype(np.int16) - zw.astype(np.int16).reshape(-1, 1, 1, 1)  # (M, Cg, KH, KW)
     c_n = cg * group
-    if kh == kw == 1 and group == 1 and pads == (0, 0, 0, 0):
+    mult = requant_multiplier(sx[0], sw, sy[0])
+    depthwise = group == c_n and cg == 1
+    code = mk.GENERIC if depthwise and isa is None else igemm.choose_isa(w, zw, isa)
+    gemm_like = kh == kw == 1 and group == 1 and pads == (0, 0, 0, 0)
+    if code != mk.GENERIC and not depthwise:
+        fast = igemm.pack(code, w, bias_arr, mult, x_dtype, int(zx[0]), group, int(zy[0]), lo, hi)
+        return QConvParams("gemm" if gemm_like else "direct", x_dtype, int(zx[0]), c_n, (kh, kw), fast.packed, bias_arr, mult, y_dtype,
+                           int(zy[0]), lo, hi, strides, pads, dilations, group, fast)
+    ws = w.astype(np.int16) - zw.astype(np.int16).reshape(-1, 1, 1, 1)  # (M, Cg, KH, KW)
+    if gemm_like:
         kind, packed = "gemm", ws[:, :, 0, 0].T
-    elif group == c_n and cg == 1:
+    elif depthwise:
         kind, packed = "depthwise", ws[:, 0].transpose(1, 2, 0)  # (KH, KW, M)
     else:
         kind, packed = "direct", ws.reshape(group, m_n // group, cg, kh, kw).transpose(0, 3, 4, 2, 1)
-    mult = requant_multiplier(sx[0], sw, sy[0])
-    return QConvParams(kind, x_dtype, int(zx[0]), c_n, (kh, kw), np.ascontiguousarray(packed), bias_arr, mult,
-                       y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group)
+    packed = np.ascontiguousarray(packed)
+    dw_f32 = packed.reshape(-1).astype(np.float32) if kind == "depthwise" else None
+    return QConvParams(kind, x_dtype, int(zx[0]), c_n, (kh, kw), packed, bias_arr, mult,
+                       y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32)
 
 
 def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None, *,
@@ -210,7 +278,9 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]
     dh, dw = params.dilations
-    if params.kind == "gemm":
+    if params.fast is not None:
+        igemm.run(params.fast, x, y, params.strides, params.pads, params.dilations)
+    elif params.kind == "gemm":
         if (sh, sw) == (1, 1):
             xs = x
         elif scratch is not None:
@@ -221,6 +291,13 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
         _qgemm_kernel(xs.reshape(-1, params.in_channels), params.x_zp, params.packed_w, params.bias,
                       params.multiplier, params.y_zp, params.lo, params.hi,
                       y.view(np.uint8).reshape(-1, params.out_channels))
+    elif params.kind == "depthwise" and params.packed_w.shape[2] == params.in_channels and \
+            params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
+        oh_n, ow_n = shape[1], shape[2]
+        dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], oh_n, ow_n], np.int64)
+        geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
+        _conv_depthwise_f32_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
+                                   params.y_zp, params.lo, params.hi, dims, geo, y.reshape(-1))
     elif params.kind == "depthwise":
         _conv_depthwise_kernel(x, params.x_zp, params.packed_w, params.bias, params.multiplier, params.y_zp,
                                params.lo, params.hi, sh, sw, pt, pl, dh, dw, y.view(np.uint8))

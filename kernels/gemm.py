@@ -30,6 +30,8 @@ from ._common import (
     check_zero_point,
     requant,
 )
+from . import igemm
+from . import microkernel as mk
 from .config import jit_parallel
 from .reference import requant_multiplier
 
@@ -57,21 +59,24 @@ class QGemmParams:
 
     a_dtype: np.dtype
     a_zp: int
-    packed_b: np.ndarray  # int16 (K, N) = b - z_b
+    packed_b: np.ndarray  # int16 (K, N) = b - z_b (None when ``fast`` is set)
     bias: np.ndarray  # int32 (N,)
     multiplier: np.ndarray  # float32 (N,)
     y_dtype: np.dtype
     y_zp: int
     lo: int
     hi: int
-
-    @property
-    def k(self) -> int:
-        return self.packed_b.shape[0]
+    k: int
+    fast: igemm.IGemmPack | None = None  # VNNI/AVX2 packing (see ``igemm``)
 
     @property
     def n(self) -> int:
-        return self.packed_b.shape[1]
+        return self.bias.shape[0]
+
+    @property
+    def isa(self) -> str:
+        """The instruction set of the kernel chosen at packing time."""
+        return mk.ISA_NAMES[self.fast.isa] if self.fast is not None else "generic"
 
 
 def check_accumulator(name: str, k: int, bias: np.ndarray) -> None:
@@ -81,8 +86,9 @@ def check_accumulator(name: str, k: int, bias: np.ndarray) -> None:
         raise ValueError(f"{name}: reduction length {k} could overflow the int32 accumulator")
 
 
-def prepare_qgemm(a_dtype, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, bias=None, *, trans_b=False, out_range=None):
-    """Validate and pack the constant operands of a quantized GEMM."""
+def prepare_qgemm(a_dtype, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, bias=None, *, trans_b=False, out_range=None,
+                  isa: str | None = None):
+    """Validate and pack the constant operands of a quantized GEMM (``isa``: see ``prepare_qconv``)."""
     a_dtype = np.dtype(a_dtype)
     if a_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
         raise TypeError(f"a must have dtype uint8 or int8, got {a_dtype}")
@@ -109,9 +115,14 @@ def prepare_qgemm(a_dtype, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, bias=
             raise ValueError(f"bias must have shape ({n_dim},), got {bias_arr.shape}")
         bias_arr = np.ascontiguousarray(bias_arr)
     check_accumulator("b", k_dim, bias_arr)
-    packed = np.ascontiguousarray((bt.astype(np.int16) - zb.astype(np.int16)[None, :]))
     mult = requant_multiplier(sa[0], sb, sy[0])
-    return QGemmParams(a_dtype, int(za[0]), packed, bias_arr, mult, y_dtype, int(zy[0]), lo, hi)
+    code = igemm.choose_isa(bt, zb, isa)
+    if code != mk.GENERIC:
+        w4 = np.ascontiguousarray(bt.T).reshape(n_dim, k_dim, 1, 1)
+        fast = igemm.pack(code, w4, bias_arr, mult, a_dtype, int(za[0]), 1, int(zy[0]), lo, hi)
+        return QGemmParams(a_dtype, int(za[0]), None, bias_arr, mult, y_dtype, int(zy[0]), lo, hi, k_dim, fast)
+    packed = np.ascontiguousarray((bt.astype(np.int16) - zb.astype(np.int16)[None, :]))
+    return QGemmParams(a_dtype, int(za[0]), packed, bias_arr, mult, y_dtype, int(zy[0]), lo, hi, k_dim)
 
 
 def run_qgemm(params: QGemmParams, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -123,6 +134,10 @@ def run_qgemm(params: QGemmParams, a: np.ndarray, out: np.ndarray | None = None)
     a2 = np.ascontiguousarray(a.reshape(-1, params.k))
     shape = lead + (params.n,)
     y = check_out("out", out, shape, params.y_dtype)
+    if params.fast is not None:
+        rows = a2.shape[0]
+        igemm.run(params.fast, a2.reshape(rows, 1, 1, params.k), y.reshape(rows, 1, 1, params.n))
+        return y
     _qgemm_kernel(a2, params.a_zp, params.packed_b, params.bias, params.multiplier, params.y_zp,
                   params.lo, params.hi, y.view(np.uint8).reshape(-1, params.n))
     return y

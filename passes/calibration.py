@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -78,6 +79,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_HIST_RANGE = 2.0**-24
+#: values binned per step by :func:`bin_counts` (temporaries of 256 KB for float32 stay in cache)
+HIST_CHUNK = 1 << 16
 
 
 def progress_bar(iterable: Iterable, *, total: int | None = None, desc: str = "", enabled: bool | None = None):
@@ -329,6 +332,47 @@ def _pow2_above(value: float) -> float:
     return max(math.ldexp(1.0, exp), MIN_HIST_RANGE)
 
 
+def bin_counts(values: np.ndarray, scale: float, bins: int) -> np.ndarray:
+    """Counts of ``floor(x * scale) + bins/2`` over ``bins`` bins: the histogram update.
+
+    The caller guarantees that ``scale`` is a power of two and that ``|x| * scale < bins/2`` for
+    every (finite) value, so ``x * scale`` is exact in the input's own float type (float32 stays
+    float32; other dtypes are widened to float64) and its floor is an integer ``k`` in
+    ``[-bins/2, bins/2)``. The integer is read from the float's bits instead of a float->int cast:
+    ``k + bins/2 + 2**m`` (``m`` = 23 for float32, 52 for float64) is an integer in
+    ``[2**m, 2**m + bins)``, exact in that type, whose mantissa field *is* ``k + bins/2``.
+    Equal, bin for bin, to ``np.bincount((np.floor(x * scale) + bins/2).astype(int))``; computed
+    in chunks of :data:`HIST_CHUNK` values so the temporaries stay in cache (about 3x faster than
+    whole-array passes on 25M values; ``np.bincount`` releases the GIL for its counting loop).
+    """
+    x = values.reshape(-1)
+    if x.dtype == np.float32:
+        itype, mantissa_bits = np.int32, 23
+    else:
+        x = x.astype(np.float64, copy=False)
+        itype, mantissa_bits = np.int64, 52
+    dtype = x.dtype
+    half = bins // 2
+    if bins > 2**mantissa_bits // 2:
+        raise ValueError(f"at most {2**mantissa_bits // 2} bins for {dtype} data")
+    s = dtype.type(scale)
+    magic = dtype.type(2.0**mantissa_bits + half)
+    field = itype(2**mantissa_bits - 1)
+    chunk = min(x.size, HIST_CHUNK)
+    buf = np.empty(chunk, dtype)
+    ints = buf.view(itype)
+    counts = np.zeros(bins, np.int64)
+    for start in range(0, x.size, chunk):
+        part = x[start : start + chunk]
+        b, k = buf[: part.size], ints[: part.size]
+        np.multiply(part, s, out=b)
+        np.floor(b, out=b)
+        np.add(b, magic, out=b)
+        np.bitwise_and(k, field, out=k)
+        counts += np.bincount(k, minlength=bins)
+    return counts
+
+
 class TensorStats:
     """Running min/max/count and (optionally) a range-growing histogram of one tensor."""
 
@@ -348,13 +392,15 @@ class TensorStats:
         if x.size == 0:
             return
         x = x.reshape(-1)
-        finite = np.isfinite(x)
-        if not finite.all():
-            self.nonfinite += int(x.size - finite.sum())
+        lo, hi = x.min(), x.max()  # NaN propagates into both, +-inf shows in one: the finite check is free
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            finite = np.isfinite(x)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
             x = x[finite]
             if x.size == 0:
                 return
-        lo, hi = float(x.min()), float(x.max())
+            lo, hi = x.min(), x.max()
+        lo, hi = float(lo), float(hi)
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += int(x.size)
@@ -365,18 +411,7 @@ class TensorStats:
             self.range = needed
         while self.range < needed:
             self._double_range()
-        half = self.bins // 2
-        # exact: bins / (2R) is a power of two, so scaling in the input's own float type only moves
-        # the exponent (float32 stays float32: 2.4x faster than widening 25M values to float64, same
-        # bins), floor is exact, and |scaled| <= bins / 2 fits int32. Per-value and deterministic,
-        # so the histogram is the same however the data is batched.
-        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-        scaled = x.astype(dtype, copy=False) * dtype.type(half / self.range)
-        np.floor(scaled, out=scaled)
-        idx = scaled.astype(np.int32)
-        idx += half
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=self.bins)
+        self.hist += bin_counts(x, self.bins // 2 / self.range, self.bins)
 
     def _double_range(self) -> None:
         old = self.hist
@@ -411,10 +446,20 @@ class StatisticsCollector:
         self.stats = {name: TensorStats(bins=bins, histogram=histogram) for name in names}
         self.samples = 0
 
-    def update(self, values: Mapping[str, np.ndarray], *, samples: int = 1) -> None:
-        for name, value in values.items():
-            if name in self.stats:
-                self.stats[name].update(value)
+    def update(self, values: Mapping[str, np.ndarray], *, samples: int = 1, executor: Executor | None = None) -> None:
+        """Update each tensor's statistics; with ``executor``, tensors in parallel (largest first).
+
+        Each tensor's statistics are touched by one task only, and its update does not depend on
+        the others, so the result is the same with or without threads.
+        """
+        items = [(self.stats[name], value) for name, value in values.items() if name in self.stats]
+        if executor is None or len(items) < 2:
+            for stats, value in items:
+                stats.update(value)
+        else:
+            items.sort(key=lambda item: -np.size(item[1]))
+            for future in [executor.submit(stats.update, value) for stats, value in items]:
+                future.result()
         self.samples += samples
 
 
@@ -508,33 +553,77 @@ def _entropy_threshold(stats: TensorStats, *, num_bins: int, num_quantized_bins:
         return absmax
     hist = counts[:top].copy()
     hist[0] = hist[1]  # the spike of exact zeros (ReLU) would dominate P; as pytorch-quantization does
-    best_i, best_kl = top, math.inf
-    eps = 1e-10
-    for i in range(num_quantized_bins, top + 1):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()
-        # quantize hist[:i] into num_quantized_bins groups of (nearly) equal width
-        group = (np.arange(i) * num_quantized_bins) // i
-        src = hist[:i]
-        group_sum = np.bincount(group, weights=src, minlength=num_quantized_bins)
-        group_nonzero = np.bincount(group, weights=(src != 0).astype(np.float64), minlength=num_quantized_bins)
-        per_bin = np.divide(group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0)
-        q = np.where(src != 0, per_bin[group], 0.0)
-        kl = _kl(p, q, eps)
-        if kl < best_kl:
-            best_kl, best_i = kl, i
+    kl = kl_divergences(hist, num_quantized_bins)
+    finite = np.isfinite(kl)
+    # the first minimum, as a loop keeping strict improvements would pick; none finite: keep all
+    best_i = num_quantized_bins + int(np.argmin(np.where(finite, kl, np.inf))) if finite.any() else top
     return min((best_i + 0.5) * width, absmax)
 
 
-def _kl(p: np.ndarray, q: np.ndarray, eps: float) -> float:
-    p_sum, q_sum = p.sum(), q.sum()
-    if p_sum == 0 or q_sum == 0:
-        return math.inf
-    p = p / p_sum
-    q = q / q_sum
-    mask = p > 0
-    qm = np.where(q[mask] > 0, q[mask], eps)
-    return float(np.sum(p[mask] * np.log(p[mask] / qm)))
+#: candidate thresholds evaluated at once by :func:`kl_divergences` (bounds its temporaries)
+KL_BLOCK = 512
+
+
+def kl_divergences(hist: np.ndarray, num_quantized_bins: int, *, eps: float = 1e-10) -> np.ndarray:
+    """``KL(P_i || Q_i)`` for every candidate ``i`` in ``[num_quantized_bins, len(hist)]``.
+
+    The definitions of the module docstring (TensorRT's entropy calibration), in closed form
+    from prefix sums instead of one pass over ``i`` bins per candidate (O(bins * groups) instead
+    of O(bins^2), with no Python loop over candidates). With ``h`` the histogram, ``T = sum h``,
+    ``C_k = sum(h[:k])``, ``H_k = sum(h_j log h_j, j < k, h_j > 0)``, and for candidate ``i`` the
+    groups ``g = floor(j * n / i)`` (``n`` = ``num_quantized_bins``), i.e. bins
+    ``[ceil(g i / n), ceil((g+1) i / n))``, with sums ``s_g`` and non-empty counts ``z_g``
+    (both prefix-sum differences, exact for integer counts), mean ``m_g = s_g / z_g``:
+
+    - ``P = h[:i]`` plus the outliers ``S = T - C_i`` in its last bin, normalised by ``T``;
+      ``Q_j = m_{g(j)} / C_i`` where ``h_j > 0`` (``sum Q = C_i / C_i = 1``), else 0.
+    - Bins ``j < i - 1`` (``P_j > 0`` iff ``h_j > 0``, and then ``Q_j > 0``) contribute
+      ``(H_{i-1} - C_{i-1} log T) / T - (sum_g s_g log m_g - C_i log C_i - [h_{i-1} > 0] h_{i-1}
+      log(m_last / C_i)) / T`` (the group sums count bin ``i - 1``, taken back out).
+    - Bin ``i - 1``: ``p = (h_{i-1} + S) / T`` times ``log(p / q)`` with ``q = m_last / C_i``, or
+      ``eps`` where ``h_{i-1} = 0`` (Q is 0 where P is not, as in the per-candidate loop).
+
+    Infinite where ``C_i = 0`` (Q empty). Equal to the per-candidate loop up to float rounding.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    n = int(num_quantized_bins)
+    top = hist.size
+    if top < n:
+        return np.empty(0)
+    positive = hist > 0
+    total = float(hist.sum())
+    if total <= 0:
+        return np.full(top - n + 1, np.inf)
+    csum = np.concatenate(([0.0], np.cumsum(hist)))
+    cnonzero = np.concatenate(([0], np.cumsum(positive)))
+    hlogh = np.zeros_like(hist)
+    hlogh[positive] = hist[positive] * np.log(hist[positive])
+    chlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
+    log_total = math.log(total)
+    groups = np.arange(n + 1)
+    out = np.empty(top - n + 1)
+    for first in range(n, top + 1, KL_BLOCK):
+        i = np.arange(first, min(first + KL_BLOCK, top + 1))
+        starts = (groups[None, :] * i[:, None] + n - 1) // n  # ceil(g i / n); the last column is i
+        sums = csum[starts[:, 1:]] - csum[starts[:, :-1]]
+        nonempty = cnonzero[starts[:, 1:]] - cnonzero[starts[:, :-1]]
+        filled = sums > 0
+        safe = np.where(filled, sums, 1.0)
+        mean_log = np.log(safe / np.where(filled, nonempty, 1))
+        cross_groups = np.where(filled, sums * mean_log, 0.0).sum(axis=1)
+        c_i = csum[i]
+        c_safe = np.where(c_i > 0, c_i, 1.0)
+        log_c = np.log(c_safe)
+        h_last = hist[i - 1]
+        last_filled = h_last > 0
+        log_q_last = np.where(last_filled, mean_log[:, -1] - log_c, math.log(eps))
+        body_p = (chlogh[i - 1] - csum[i - 1] * log_total) / total
+        body_cross = (cross_groups - c_i * log_c - np.where(last_filled, h_last * (mean_log[:, -1] - log_c), 0.0)) / total
+        p_last = (h_last + (total - c_i)) / total
+        safe_p = np.where(p_last > 0, p_last, 1.0)
+        last = np.where(p_last > 0, p_last * (np.log(safe_p) - log_q_last), 0.0)
+        out[first - n : first - n + i.size] = np.where(c_i > 0, body_p - body_cross + last, np.inf)
+    return out
 
 
 ALPHAS = np.linspace(0.005, 1.0, 200)
@@ -631,6 +720,17 @@ def _batches(feeds: Iterable[Feed], batch_size: int, can_batch: bool) -> Iterato
         yield flush()
 
 
+#: ONNX Runtime graph optimisation for the calibration run, by name
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def collect_statistics(
     model: onnx.ModelProto,
     calib: Iterable[Feed],
@@ -641,32 +741,58 @@ def collect_statistics(
     batch_size: int = 16,
     max_samples: int | None = None,
     progress: bool | None = None,
+    threads: int | None = None,
+    ort_optimization: str = "basic",
 ) -> StatisticsCollector:
-    """Stream ``calib`` through ``model`` in ONNX Runtime and collect statistics of ``tensor_names``."""
+    """Stream ``calib`` through ``model`` in ONNX Runtime and collect statistics of ``tensor_names``.
+
+    ``threads``: statistics of different tensors are updated in parallel by this many threads
+    (default: the CPUs this process may use; 1 = in the calling thread); the statistics are the
+    same for any count. ``ort_optimization``: ONNX Runtime's graph optimisation level for the
+    calibration run. ``basic`` (default) computes every tensor exactly as the unoptimised graph
+    does. ``all`` (NCHWc convolutions) ran ResNet-50's calibration 10-25 % faster in ONNX Runtime
+    but took 0.37 GB more memory at batch 4 and changed tensors by float rounding, which moved
+    18 of 73 entropy thresholds by up to 5 % (the KL curve is flat near its minimum).
+    """
     import onnxruntime as ort
 
+    if ort_optimization not in ORT_LEVELS:
+        raise ValueError(f"ort_optimization must be one of {', '.join(ORT_LEVELS)}, got {ort_optimization!r}")
     names = list(dict.fromkeys(tensor_names))
     collector = StatisticsCollector(names, histogram=histogram, bins=bins)
     if not names:
         return collector
     probe = with_outputs(model, names)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[ort_optimization]
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
     input_names = [i.name for i in session.get_inputs()]
     can_batch = _batch_axis_free(model)
     data = calib if max_samples is None else (f for i, f in enumerate(calib) if i < max_samples)
     total = getattr(calib, "size", None)
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
-    for feed, n in _batches(progress_bar(data, total=total, desc="calibrating", enabled=progress), batch_size, can_batch):
-        missing = [name for name in input_names if name not in feed]
-        if missing:
-            raise ValueError(f"calibration feed lacks input(s) {', '.join(missing)}")
-        outputs = session.run(names, {k: feed[k] for k in input_names})
-        collector.update(dict(zip(names, outputs)), samples=n)
-        del outputs
+    workers = _usable_cpus() if threads is None else max(1, int(threads))
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="calibration") if workers > 1 else None
+    try:
+        batches = _batches(progress_bar(data, total=total, desc="calibrating", enabled=progress), batch_size, can_batch)
+        for feed, n in batches:
+            missing = [name for name in input_names if name not in feed]
+            if missing:
+                raise ValueError(f"calibration feed lacks input(s) {', '.join(missing)}")
+            outputs = session.run(names, {k: feed[k] for k in input_names})
+            collector.update(dict(zip(names, outputs)), samples=n, executor=executor)
+            del outputs
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
     if collector.samples == 0:
         raise ValueError("calibration data is empty")
     logger.info("calibrated %d tensors on %d samples", len(names), collector.samples)

@@ -21,7 +21,9 @@ transformer turns ``DQ -> op -> Q`` groups into integer kernels):
   the Relu/Clip into the Q (its ``ReluQuantFusion``/``ClipQuantFusion`` need ``z = qmin`` for Relu
   and the Q's representable range ``[s(qmin-z), s(qmax-z)]`` inside Clip's ``[min, max]``; the
   scale is nudged down by ulps until it is in float32). Gemm/MatMul outputs that are graph
-  outputs keep float (ORT runs QGemm / MatMulIntegerToFloat with float output). Pass-through ops
+  outputs, or that no quantized node reads (e.g. a transformer's MatMul followed by a float bias
+  Add and LayerNorm when only MatMul is quantized), keep float: ORT runs QGemm /
+  MatMulIntegerToFloat with float output, and a Q there would only add error. Pass-through ops
   (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity) take the parameters of
   their input, so ORT drops their Q/DQ and runs them on integers. Constant float inputs of
   Add/Mul/Concat are stored as integers of the activation type with their own min/max range.
@@ -483,6 +485,13 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
             bounds[tensor.name] = (lo, hi)
         return tensor
 
+    planned = {id(n) for n in graph.nodes if n.op in config.op_types and config.selects(n) and _check_node(n) is None}
+
+    def reads_quantized(tensor: gs.Tensor) -> bool:
+        """Whether a quantized node reads ``tensor`` (directly or through pass-through ops)."""
+        return any(id(r) in planned or (r.op in PASS_THROUGH_OPS and r.outputs and r.inputs[0] is tensor
+                                        and reads_quantized(r.outputs[0])) for r in tensor.outputs)
+
     for node in graph.nodes:
         if node.op not in config.op_types:
             continue
@@ -524,8 +533,8 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig = QuantConfig()) -> Q
                 else:
                     want(t)
         out = node.outputs[0]
-        if node.op in ("Gemm", "MatMul") and is_graph_output(graph, out):
-            continue
+        if node.op in ("Gemm", "MatMul") and (is_graph_output(graph, out) or not reads_quantized(output_target(out))):
+            continue  # float output: ORT's QGemm / MatMulIntegerToFloat; a Q no reader uses only adds error
         want(output_target(out))
 
     # pass-through ops share their input's parameters

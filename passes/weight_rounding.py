@@ -142,14 +142,285 @@ def collect_hessians(
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def gptq_rows(w: np.ndarray, h: np.ndarray, qmax: int, *, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def _columns(x: np.ndarray, node: onnx.NodeProto, w: np.ndarray, a: dict) -> np.ndarray:
+    """The layer's input as columns: ``[d, N]`` (Gemm rows, or group-1 Conv patches ordered
+    ``(c_in, kernel position)`` as ``W.reshape(C_out, -1)``) or ``[C, k, N]`` (depthwise)."""
+    x = np.asarray(x, np.float32)
+    if node.op_type == "Gemm":
+        return x.reshape(-1, x.shape[-1]).T
+    patches = _unfold(x, tuple(w.shape[2:]), a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
+                      a.get("dilations", [1, 1]))
+    batch, channels, k = patches.shape[:3]
+    if int(a.get("group", 1)) == 1:
+        return patches.reshape(batch, channels * k, -1).transpose(1, 0, 2).reshape(channels * k, -1)
+    return patches.transpose(1, 2, 0, 3, 4).reshape(channels, k, -1)
+
+
+def _with_ones(cols: np.ndarray) -> np.ndarray:
+    ones = np.ones(cols.shape[:-2] + (1, cols.shape[-1]), cols.dtype)
+    return np.concatenate([cols, ones], axis=-2)
+
+
+def collect_compensation_statistics(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    nodes: Iterable[str] | None = None,
+    batch_size: int = 4,
+    progress: bool | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer ``(H_q, C)``: ``H_q = E[x̃_q x̃_q^T]`` and ``C = E[x̃ x̃_q^T]`` of the augmented
+    input columns ``x̃ = [x; 1]``, with ``x`` the *float* model's input of the layer and ``x_q``
+    the *QDQ* model's (quantized prefix, dequantized input) on the same samples (see
+    :func:`compensated_weights`). Streamed: memory flat in the number of samples."""
+    import onnxruntime as ort
+
+    layers = _layers(float_model, None if nodes is None else set(nodes))
+    q_inputs = {n.name: n.input[0] for n in qdq_model.graph.node if n.name and n.op_type in ("Conv", "Gemm")}
+    layers = [layer for layer in layers if layer[0].name in q_inputs]
+    if not layers:
+        return {}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+
+    def session(model, names):
+        return ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+
+    fp_names = list(dict.fromkeys(n.input[0] for n, _, _ in layers))
+    q_names = list(dict.fromkeys(q_inputs[n.name] for n, _, _ in layers))
+    fp_session, q_session = session(float_model, fp_names), session(qdq_model, q_names)
+    fp_feed_names = [i.name for i in fp_session.get_inputs()]
+    q_feed_names = [i.name for i in q_session.get_inputs()]
+    sums: dict[str, list] = {}
+    counts: dict[str, int] = {}
+    for feed, _ in _batches(progress_bar(feeds, desc="GPTQ statistics (quantized inputs)", enabled=progress),
+                            batch_size, _batch_axis_free(float_model)):
+        fp = dict(zip(fp_names, fp_session.run(fp_names, {k: feed[k] for k in fp_feed_names})))
+        qv = dict(zip(q_names, q_session.run(q_names, {k: feed[k] for k in q_feed_names})))
+        for node, w, a in layers:
+            cols = _with_ones(_columns(fp[node.input[0]], node, w, a))
+            cols_q = _with_ones(_columns(qv[q_inputs[node.name]], node, w, a))
+            cols_q_t = np.swapaxes(cols_q, -1, -2)
+            h = np.matmul(cols_q, cols_q_t).astype(np.float64)
+            c = np.matmul(cols, cols_q_t).astype(np.float64)
+            if node.name in sums:
+                sums[node.name][0] += h
+                sums[node.name][1] += c
+            else:
+                sums[node.name] = [h, c]
+            counts[node.name] = counts.get(node.name, 0) + cols.shape[-1]
+    return {name: (h / counts[name], c / counts[name]) for name, (h, c) in sums.items()}
+
+
+def compensated_weights(
+    model: onnx.ModelProto,
+    statistics: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    qmax_of,
+    *,
+    damp: float = 0.01,
+    ridge: float = 0.01,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """GPTQ towards the float layer's output on float inputs, from quantized inputs.
+
+    Per output row ``w̃ = [w, b]``: first the least-squares target of the quantized inputs,
+    ``min E(w̃' x̃_q - w̃ x̃)^2 + lambda ||w' - w||^2`` (bias unpenalised), i.e.
+    ``w̃' = w̃ + w̃ (C - H_q) (H_q + Lambda)^-1`` with ``Lambda = ridge * mean(diag H_q)`` on the
+    weight entries; then GPTQ of ``w̃'`` with ``H_q``, the bias column last and kept float (it
+    absorbs the mean of the rounding error). Returns ``(weights, biases)`` by node name: ``(q,
+    scale)`` as :func:`gptq_weights` gives them, and the float bias for
+    :func:`~onnx_compress.passes.bias_correction.apply_biases`."""
+    weights, biases = {}, {}
+    for node, w, a in _layers(model, set(statistics)):
+        h, c = statistics[node.name]
+        qmax = int(qmax_of(node, w))
+        inits = {t.name: t for t in model.graph.initializer}
+        if node.op_type == "Gemm":
+            trans_b = int(a.get("transB", 0))
+            rows = w if trans_b else w.T
+        else:
+            rows = w.reshape(w.shape[0], -1)
+        bias = np.zeros(rows.shape[0], np.float64)
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in inits:
+                continue
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
+            if bias.shape != (rows.shape[0],):
+                continue
+        full = np.concatenate([rows.astype(np.float64), bias[:, None]], axis=1)  # [R, d + 1]
+        d = full.shape[1]
+        penalty = np.full(d, 1.0)
+        penalty[-1] = 0.0
+        diag = h[..., np.arange(d - 1), np.arange(d - 1)]
+        lam = ridge * np.maximum(np.mean(diag, axis=-1), 1e-12)
+        if h.ndim == 3:  # depthwise: one system per channel (= row)
+            reg = h + lam[:, None, None] * np.eye(d) * penalty
+            delta = np.einsum("rd,rde->re", full, c - h)
+            target = full + np.linalg.solve(np.swapaxes(reg, -1, -2), delta[..., None])[..., 0]
+        else:
+            reg = h + lam * np.diag(penalty)
+            target = full + np.linalg.solve(reg.T, (full @ (c - h)).T).T
+        q, scale, tail = gptq_rows_with_tail(target, h, qmax, damp=damp, keep_float=1)
+        if node.op_type == "Gemm":
+            weights[node.name] = (q if trans_b else np.ascontiguousarray(q.T), scale)
+        else:
+            weights[node.name] = (q.reshape(w.shape), scale)
+        biases[node.name] = tail[:, 0].astype(np.float32)
+    return weights, biases
+
+
+def _patch_layer(qdq: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> bool:
+    """Write ``(q, scale)`` and the float ``bias`` (int32 at ``s_x * s_w``) of node ``name`` into the
+    initializers of ``qdq`` in place; False when its Q/DQ layout is not the expected one."""
+    graph = qdq.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    node = next((n for n in graph.node if n.name == name), None)
+    if node is None or len(node.input) < 3 or not node.input[2]:
+        return False
+    x_dq, w_dq, b_dq = (producers.get(node.input[i]) for i in range(3))
+    if any(n is None or n.op_type != "DequantizeLinear" for n in (x_dq, w_dq, b_dq)):
+        return False
+    if not all(t in inits for t in (x_dq.input[1], w_dq.input[0], w_dq.input[1], b_dq.input[0], b_dq.input[1])):
+        return False
+    old_q = numpy_helper.to_array(inits[w_dq.input[0]])
+    if old_q.shape != q.shape:
+        return False
+    s_x = np.float32(numpy_helper.to_array(inits[x_dq.input[1]]).reshape(()))
+    s_b = (s_x * np.asarray(scale, np.float32)).astype(np.float32)
+    info = np.iinfo(np.int32)
+    b_q = np.clip(np.round(np.asarray(bias, np.float64) / s_b.astype(np.float64)), info.min, info.max).astype(np.int32)
+    for key, value in ((w_dq.input[0], np.asarray(q, np.int8)), (w_dq.input[1], np.asarray(scale, np.float32)),
+                       (b_dq.input[0], b_q), (b_dq.input[1], s_b)):
+        inits[key].CopyFrom(numpy_helper.from_array(value, key))
+    return True
+
+
+def _solve_layer(node, w, a, bias, h, c, qmax, *, damp: float, ridge: float):
+    if node.op_type == "Gemm":
+        trans_b = int(a.get("transB", 0))
+        rows = w if trans_b else w.T
+    else:
+        rows = w.reshape(w.shape[0], -1)
+    full = np.concatenate([rows.astype(np.float64), bias.astype(np.float64)[:, None]], axis=1)  # [R, d + 1]
+    d = full.shape[1]
+    penalty = np.ones(d)
+    penalty[-1] = 0.0
+    diag = h[..., np.arange(d - 1), np.arange(d - 1)]
+    lam = ridge * np.maximum(np.mean(diag, axis=-1), 1e-12)
+    if h.ndim == 3:  # depthwise: one system per channel (= row)
+        reg = h + lam[:, None, None] * np.eye(d) * penalty
+        delta = np.einsum("rd,rde->re", full, c - h)
+        target = full + np.linalg.solve(reg, delta[..., None])[..., 0]
+    else:
+        reg = h + lam * np.diag(penalty)
+        target = full + np.linalg.solve(reg, (full @ (c - h)).T).T
+    q, scale, tail = gptq_rows_with_tail(target, h, qmax, damp=damp, keep_float=1)
+    if node.op_type == "Gemm":
+        q = q if trans_b else np.ascontiguousarray(q.T)
+    else:
+        q = q.reshape(w.shape)
+    return q, scale, tail[:, 0].astype(np.float32)
+
+
+def sequential_compensation(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    feeds,
+    qmax_of,
+    *,
+    nodes: Iterable[str] | None = None,
+    damp: float = 0.01,
+    ridge: float = 0.01,
+    batch_size: int = 4,
+    progress: bool | None = None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """Sequential error-compensating GPTQ (see the module docstring), layer by layer in graph order.
+
+    For each layer: stream ``feeds`` (re-iterable) through the float model and through the QDQ
+    model whose earlier layers already carry their compensated weights, accumulate
+    ``H_q = E[x̃_q x̃_q^T]`` and ``C = E[x̃ x̃_q^T]`` (``x̃ = [x; 1]``), solve
+    ``w̃' = w̃ + w̃ (C - H_q)(H_q + Lambda)^-1`` and GPTQ-round ``w̃'`` with ``H_q`` (bias column
+    last, kept float), then write the layer into the QDQ model. Returns ``(weights, biases)`` by
+    node name, for :class:`~onnx_compress.passes.insert_qdq.InsertQDQPass` and
+    :func:`~onnx_compress.passes.bias_correction.apply_biases`.
+    """
+    import onnxruntime as ort
+
+    layers = _layers(float_model, None if nodes is None else set(nodes))
+    work = onnx.ModelProto()
+    work.CopyFrom(qdq_model)
+    q_inputs = {n.name: n.input[0] for n in work.graph.node if n.name and n.op_type in ("Conv", "Gemm")}
+    layers = [layer for layer in layers if layer[0].name in q_inputs]
+    fp_inits = {t.name: t for t in float_model.graph.initializer}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+
+    def session(model, names):
+        return ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+
+    fp_names = list(dict.fromkeys(n.input[0] for n, _, _ in layers))
+    fp_session = session(float_model, fp_names)
+    fp_feed_names = [i.name for i in fp_session.get_inputs()]
+    can_batch = _batch_axis_free(float_model)
+    weights, biases = {}, {}
+    for node, w, a in progress_bar(layers, desc="GPTQ (sequential, compensating)", enabled=progress):
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in fp_inits:
+                continue
+            bias = numpy_helper.to_array(fp_inits[node.input[2]]).astype(np.float64).reshape(-1)
+        else:
+            bias = np.zeros(w.shape[0] if node.op_type == "Conv" or int(a.get("transB", 0)) else w.shape[1])
+        q_name = q_inputs[node.name]
+        q_session = session(work, [q_name])
+        q_feed_names = [i.name for i in q_session.get_inputs()]
+        h = c = None
+        count = 0
+        for feed, _ in _batches(iter(feeds), batch_size, can_batch):
+            x = fp_session.run([node.input[0]], {k: feed[k] for k in fp_feed_names})[0]
+            x_q = q_session.run([q_name], {k: feed[k] for k in q_feed_names})[0]
+            cols = _with_ones(_columns(x, node, w, a))
+            cols_q = _with_ones(_columns(x_q, node, w, a))
+            cols_q_t = np.swapaxes(cols_q, -1, -2)
+            hb = np.matmul(cols_q, cols_q_t).astype(np.float64)
+            cb = np.matmul(cols, cols_q_t).astype(np.float64)
+            h, c = (hb, cb) if h is None else (h + hb, c + cb)
+            count += cols.shape[-1]
+        if h is None:
+            continue
+        q, scale, b = _solve_layer(node, w, a, bias, h / count, c / count, int(qmax_of(node, w)), damp=damp, ridge=ridge)
+        if bias.shape != b.shape or not _patch_layer(work, node.name, q, scale, b):
+            logger.info("compensating GPTQ: '%s' has an unexpected Q/DQ layout, left as it was", node.name)
+            continue
+        weights[node.name], biases[node.name] = (q, scale), b
+    return weights, biases
+
+
+def gptq_rows(
+    w: np.ndarray, h: np.ndarray, qmax: int, *, damp: float = 0.01, keep_float: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of the rows of ``w [R, d]`` with ``h [d, d]`` (shared) or ``[R, d, d]`` (one per row).
 
-    Returns ``(q int8 [R, d], scale float32 [R])`` with ``scale = max|w_r| / qmax``.
+    Returns ``(q int8 [R, d - keep_float], scale float32 [R])`` with ``scale = max|w_r| / qmax``
+    over the rounded columns. The last ``keep_float`` columns (a bias column) are not rounded: they
+    only receive the error updates, and :func:`gptq_rows_with_tail` returns them.
     """
+    q, scale, _ = gptq_rows_with_tail(w, h, qmax, damp=damp, keep_float=keep_float)
+    return q, scale
+
+
+def gptq_rows_with_tail(
+    w: np.ndarray, h: np.ndarray, qmax: int, *, damp: float = 0.01, keep_float: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`gptq_rows` that also returns the updated float tail columns ``[R, keep_float]``."""
     w = np.asarray(w, np.float64).copy()
     rows, d = w.shape
-    absmax = np.abs(w).max(axis=1)
+    n = d - keep_float
+    absmax = np.abs(w[:, :n]).max(axis=1)
     scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
     s = scale.astype(np.float64)
     h = np.array(h, np.float64, copy=True)
@@ -162,9 +433,9 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, qmax: int, *, damp: float = 0.01) ->
         upper = np.swapaxes(np.linalg.cholesky(hinv), -1, -2)
     except np.linalg.LinAlgError:
         logger.warning("GPTQ: Hessian not positive definite, nearest rounding kept for this layer")
-        return np.clip(np.round(w / s[:, None]), -qmax, qmax).astype(np.int8), scale
-    q = np.zeros((rows, d), np.int8)
-    for i in range(d):
+        return np.clip(np.round(w[:, :n] / s[:, None]), -qmax, qmax).astype(np.int8), scale, w[:, n:]
+    q = np.zeros((rows, n), np.int8)
+    for i in range(n):
         col = w[:, i]
         qi = np.clip(np.round(col / s), -qmax, qmax)
         q[:, i] = qi
@@ -175,7 +446,7 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, qmax: int, *, damp: float = 0.01) ->
             else:
                 err = (col - qi * s) / upper[i, i]
                 w[:, i + 1:] -= np.outer(err, upper[i, i + 1:])
-    return q, scale
+    return q, scale, w[:, n:]
 
 
 def gptq_weights(
@@ -202,4 +473,4 @@ def gptq_weights(
     return result
 
 
-__all__ = ["collect_hessians", "gptq_rows", "gptq_weights"]
+__all__ = ["sequential_compensation", "collect_compensation_statistics", "collect_hessians", "compensated_weights", "gptq_rows", "gptq_weights"]

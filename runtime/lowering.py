@@ -444,7 +444,7 @@ def _conv_step(node, xq, xp, w, bias, yp, rng, out):
         x = env[xq].nhwc(bufs)
         y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
         scratch = None
-        if params.kind == "gemm" and params.strides != (1, 1):
+        if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
             scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
         env[out] = QValue(K.run_qconv(params, x, out=y, scratch=scratch), "NHWC")
 

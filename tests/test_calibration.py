@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 
 import numpy as np
@@ -13,10 +14,13 @@ from onnx_compress.passes.calibration import (
     CALIB_METHODS,
     CalibrationSet,
     ImagePreprocessing,
+    HIST_CHUNK,
     TensorStats,
+    bin_counts,
     collect_statistics,
     compute_range,
     iterable_source,
+    kl_divergences,
     load_calibration,
 )
 
@@ -81,6 +85,117 @@ def test_nonfinite_values_are_counted_and_skipped():
     s = TensorStats()
     s.update(np.array([1.0, np.nan, -np.inf, 2.0], np.float32))
     assert s.nonfinite == 2 and s.count == 2 and s.max == 2.0
+
+
+def test_nonfinite_values_in_every_position():
+    s = TensorStats(bins=16)
+    s.update(np.array([np.inf, 0.5, -0.25], np.float32))  # +inf only: max is inf, min finite
+    s.update(np.array([np.nan, np.nan], np.float32))  # nothing finite
+    s.update(np.array([-0.5, np.nan, 0.125], np.float64))
+    assert (s.nonfinite, s.count, s.min, s.max, s.range) == (4, 4, -0.5, 0.5, 1.0)
+    np.testing.assert_array_equal(s.hist, np.histogram([0.5, -0.25, -0.5, 0.125], bins=16, range=(-1, 1))[0])
+
+
+def _edge_heavy(rng, size: int, radius: float, dtype) -> np.ndarray:
+    """Values below ``radius`` in magnitude, a third of them exactly on bin edges, with -0.0."""
+    x = rng.uniform(-0.99 * radius, 0.99 * radius, size)
+    width = 2 * radius / 4096
+    x[: size // 3] = rng.integers(-2048, 2048, size // 3) * width  # exact edges, -radius included
+    x[size // 3 : size // 3 + 4] = [-0.0, 0.0, -width / 1024, width / 1024]
+    x = x.astype(dtype)
+    x[-1] = np.nextafter(dtype(radius), dtype(0))  # the largest value below the range
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("radius", [2.0**-6, 1.0, 2.0**14])
+def test_bin_counts_equals_numpy_histogram(dtype, radius):
+    rng = np.random.default_rng(3)
+    x = _edge_heavy(rng, 3 * HIST_CHUNK + 123, radius, dtype)  # several chunks and a partial one
+    assert np.abs(x.astype(np.float64)).max() < radius
+    got = bin_counts(x, 2048 / radius, 4096)
+    # numpy's histogram compares with the (exact, power-of-two spaced) edges: half-open bins
+    want, _ = np.histogram(x.astype(np.float64), bins=4096, range=(-radius, radius))
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int64 and got.sum() == x.size
+    with pytest.raises(ValueError, match="bins"):
+        bin_counts(x.astype(np.float32), 1.0, 2**24)
+
+
+def test_update_equals_one_histogram_of_everything_at_the_final_range():
+    rng = np.random.default_rng(4)
+    chunks = [_edge_heavy(rng, 5000, 0.01 * 4.0**i, np.float32) for i in range(6)]
+    s = TensorStats()
+    for c in chunks:
+        s.update(c.reshape(50, 100))  # any shape
+    everything = np.concatenate(chunks).astype(np.float64)
+    assert s.range == 2.0 ** math.ceil(math.log2(np.abs(everything).max() * (1 + 2**-30)))
+    want, _ = np.histogram(everything, bins=4096, range=(-s.range, s.range))
+    np.testing.assert_array_equal(s.hist, want)
+
+
+def _naive_kl(hist: np.ndarray, nq: int, eps: float = 1e-10) -> np.ndarray:
+    """The per-candidate loop (the implementation before the prefix-sum form), as the reference."""
+    out = []
+    for i in range(nq, hist.size + 1):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        group = (np.arange(i) * nq) // i
+        src = hist[:i]
+        sums = np.bincount(group, weights=src, minlength=nq)
+        nonzero = np.bincount(group, weights=(src != 0).astype(np.float64), minlength=nq)
+        per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
+        q = np.where(src != 0, per_bin[group], 0.0)
+        if p.sum() == 0 or q.sum() == 0:
+            out.append(math.inf)
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        out.append(float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], eps)))))
+    return np.array(out)
+
+
+def _test_histograms():
+    rng = np.random.default_rng(5)
+    bins = np.arange(700)
+    sparse = np.zeros(700)
+    sparse[rng.integers(0, 700, 40)] = rng.integers(1, 100, 40)
+    return {
+        "exponential": rng.poisson(2000 * np.exp(-bins / 150.0)),
+        "relu-like": np.concatenate(([5e5], rng.poisson(800 * np.exp(-bins[1:] / 60.0)))),
+        "sparse": sparse,
+        "gaps": rng.poisson(50, 700) * (rng.uniform(size=700) < 0.3),
+        "heavy tail": rng.poisson(1e6 * (1 + bins) ** -2.5),
+        "empty head": np.concatenate((np.zeros(200), rng.poisson(30, 500))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_test_histograms()))
+@pytest.mark.parametrize("nq", [128, 256])
+def test_kl_divergences_match_the_per_candidate_loop(name, nq):
+    hist = _test_histograms()[name].astype(np.float64)
+    hist[-1] = max(hist[-1], 1.0)
+    fast, naive = kl_divergences(hist, nq), _naive_kl(hist, nq)
+    assert fast.shape == naive.shape == (hist.size - nq + 1,)
+    finite = np.isfinite(naive)
+    np.testing.assert_array_equal(np.isfinite(fast), finite)
+    np.testing.assert_allclose(fast[finite], naive[finite], rtol=1e-9, atol=1e-12)
+    assert np.argmin(np.where(finite, fast, np.inf)) == np.argmin(naive)  # same threshold chosen
+
+
+def test_entropy_threshold_equals_the_naive_search_on_real_shapes():
+    rng = np.random.default_rng(6)
+    for data in (np.maximum(rng.standard_normal(100_000), 0) ** 1.5, rng.standard_t(3, 100_000)):
+        s = TensorStats()
+        s.update(data.astype(np.float32))
+        counts, width = s.abs_histogram()
+        counts = counts.reshape(-1, 1).sum(axis=1).astype(np.float64)  # 2048 bins: the entropy view
+        top = int(np.nonzero(counts)[0][-1]) + 1
+        hist = counts[:top].copy()
+        hist[0] = hist[1]
+        best = 128 + int(np.argmin(_naive_kl(hist, 128)))
+        want = min((best + 0.5) * width, max(abs(s.min), abs(s.max)))
+        assert compute_range(s, "entropy")[1] == pytest.approx(want, rel=1e-12)
 
 
 def test_percentile_and_mse_on_known_distributions():
@@ -163,6 +278,21 @@ def test_collect_statistics_batching_gives_identical_statistics():
         assert (a.min, a.max, a.count) == (b.min, b.max, b.count)
         np.testing.assert_array_equal(a.hist, b.hist)
     assert one.stats["r"].min == 0.0
+
+
+def test_collect_statistics_threads_and_optimisation_levels():
+    model, feeds = _tiny_model(), _feeds(23)
+    names = ["h", "r", "y"]
+    serial = collect_statistics(model, feeds, names, batch_size=4, threads=1, progress=False)
+    for threads, level in ((2, "basic"), (3, "all"), (2, "disable")):
+        other = collect_statistics(model, feeds, names, batch_size=4, threads=threads, ort_optimization=level,
+                                   progress=False)
+        for name in names:
+            a, b = serial.stats[name], other.stats[name]
+            assert (a.min, a.max, a.count, a.range) == (b.min, b.max, b.count, b.range)
+            np.testing.assert_array_equal(a.hist, b.hist)  # a tiny MatMul/Relu/Mul: no rounding differences
+    with pytest.raises(ValueError, match="ort_optimization"):
+        collect_statistics(model, feeds, names, ort_optimization="max", progress=False)
 
 
 def test_collect_statistics_memory_is_flat():

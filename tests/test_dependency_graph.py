@@ -331,5 +331,7 @@ def test_registry_is_a_plain_dict_of_rules():
     for op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Concat", "Split",
                "Slice", "Flatten", "Add", "PRelu", "GlobalAveragePool"):
         assert op in RULES
-    for op in ("DepthToSpace", "LRN", "GroupNormalization", "Gather"):
+    for op in ("DepthToSpace", "SpaceToDepth", "GroupNormalization", "Gather", "GatherND", "Expand", "Tile"):
+        assert op in RULES  # tests/test_pruning_rules_more.py
+    for op in ("LRN", "GatherElements", "ScatterND"):
         assert op not in RULES  # fail closed until a rule is written

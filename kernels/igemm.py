@@ -1,0 +1,231 @@
+"""Fast exact int8 convolution / GEMM on the ``microkernel`` tiles (VNNI or AVX2).
+
+Math. For one group ``g`` of a convolution (a GEMM is a 1x1 convolution of a ``(rows, 1, 1, K)``
+input), output pixel ``p`` and output channel ``m``:
+
+    acc[p, m] = bias[m] + sum_k (A[p, k] - z_x) * W[k, m]
+              = (bias[m] - z_x * colsum(W)[m]) + sum_k A[p, k] * W[k, m]
+
+where ``A`` holds the im2col rows (``k = (kh*KW + kw)*Cg + c``, NHWC order; taps in the padding
+hold ``z_x``, i.e. the real value 0, so they add nothing) and ``W`` the weights, s8 with zero
+point 0. The first bracket, ``bias'``, is computed once at packing time (int64, then reduced
+modulo 2**32); the micro-kernel starts its int32 accumulators at ``bias'`` and adds the u8 x s8
+products with wrap-around. The true accumulator fits int32 (``gemm.check_accumulator``), so the
+wrapped result is exact. Then the one float32 requantization of ``reference``.
+
+int8 activations are flipped to uint8 on the way into ``A`` (``x ^ 0x80 = x + 128``) with
+``z_x + 128`` as their zero point: ``(x + 128) - (z_x + 128) = x - z_x``.
+
+Packing (once, ``pack_weights``): per group, output channels in panels of 16 (the last zero
+padded), K padded to a multiple of 4 with zero weights: ``packed[g, p, kb, j, t] =
+W_g[4*kb + t, 16*p + j]``, int8, shape ``(G, P, K4, 16, 4)``; ``bias'`` padded to ``(G, P*16)``.
+
+Driver (``_igemm_kernel``, ``prange``): the work is cut into tasks ``(group, row block, panel
+block)``; a task of up to ``rt_per * MR`` rows builds its slice of ``A`` in a private buffer
+(im2col, flip; skipped for the "direct" case -- uint8 1x1 stride-1 unpadded convolutions and
+GEMMs with ``K % 4 == 0``, whose rows are already ``A``), then for each group of up to ``NV``
+panels sweeps its rows ``MR`` at a time: tile, then requantize the tile into the NHWC output.
+Blocks are sized in ``task_split`` so that both threads get work even for 7x7 feature maps.
+
+Eligibility (``choose_isa``): s8 weights with all-zero zero points, a supported ISA, and for AVX2
+``|w| <= 64`` (see ``microkernel``); otherwise the callers keep their generic exact kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import microkernel as mk
+from ._common import requant
+from .config import jit_inline, jit_parallel
+
+
+def choose_isa(w: np.ndarray, w_zp: np.ndarray, isa: str | None = None) -> int:
+    """The fastest exact path for weights ``w`` (zero points ``w_zp``) on this CPU.
+
+    ``isa`` forces one ("avx512vnni", "avx2", "generic"); a forced path the CPU or the weights
+    cannot run raises ValueError."""
+    fit = w.dtype == np.int8 and not np.any(np.asarray(w_zp) != 0)
+    small = fit and int(np.abs(w.astype(np.int16)).max(initial=0)) <= mk.AVX2_MAX_ABS_W
+    ok = [i for i in mk.supported_isas() if i == mk.GENERIC or (fit and (i == mk.VNNI or small))]
+    if isa is None:
+        return ok[0]
+    codes = {v: k for k, v in mk.ISA_NAMES.items()}
+    if isa not in codes:
+        raise ValueError(f"isa must be one of {sorted(codes)}, got {isa!r}")
+    if codes[isa] not in ok:
+        raise ValueError(f"isa {isa!r} is not available for these weights on this CPU")
+    return codes[isa]
+
+
+def pack_weights(wk: np.ndarray, bias: np.ndarray, zxu: int, mult: np.ndarray):
+    """``wk`` int8 ``(G, K, Mg)``, ``bias`` int32 ``(G*Mg,)``, ``zxu`` the uint8-domain activation zero
+    point, ``mult`` float32 ``(G*Mg,)`` -> ``(packed (G, P, K4, 16, 4) int8, bias' (G, P*16) int32,
+    mult (G, P*16) float32)``."""
+    g_n, k_n, m_n = wk.shape
+    p_n, k4 = -(-m_n // 16), -(-k_n // 4)
+    wpad = np.zeros((g_n, 4 * k4, 16 * p_n), np.int8)
+    wpad[:, :k_n, :m_n] = wk
+    packed = np.ascontiguousarray(wpad.reshape(g_n, k4, 4, p_n, 16).transpose(0, 3, 1, 4, 2))
+    b64 = np.zeros((g_n, 16 * p_n), np.int64)
+    b64[:, :m_n] = bias.astype(np.int64).reshape(g_n, m_n) - int(zxu) * wk.astype(np.int64).sum(axis=1)
+    mp = np.ones((g_n, 16 * p_n), np.float32)
+    mp[:, :m_n] = np.asarray(mult, np.float32).reshape(g_n, m_n)
+    return packed, b64.astype(np.int32), mp  # astype wraps modulo 2**32
+
+
+def task_split(rows: int, panels: int, groups: int, isa: int, threads: int = 2) -> tuple[int, int]:
+    """``(rt_per, pg_per)``: row tiles and panels per task, so tasks are cache-sized and numerous."""
+    mr, nv = mk.MR[isa], mk.NV[isa]
+    n_rt = -(-rows // mr)
+    rt_per = max(1, min(n_rt, 96 // mr))
+    n_rb = -(-n_rt // rt_per)
+    want = 4 * threads
+    pg_per = panels
+    if groups * n_rb < want:
+        n_pg = -(-panels // nv)
+        cb = min(n_pg, -(-want // (groups * n_rb)))
+        pg_per = nv * -(-n_pg // cb)
+    return rt_per, pg_per
+
+
+@jit_inline
+def _tile(isa, nv, a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols):
+    if isa == 2:
+        if nv == 4:
+            mk.tile_vnni_4(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+        elif nv == 3:
+            mk.tile_vnni_3(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+        elif nv == 2:
+            mk.tile_vnni_2(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+        else:
+            mk.tile_vnni_1(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+    else:
+        mk.tile_avx2_1(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+
+
+@jit_parallel
+def _igemm_kernel(x, dims, geo, zfill, direct, bp, biasp, multp, y_zp, lo, hi, isa, rt_per, pg_per, out):
+    """x: flat uint8 NHWC input; dims = (N, H, W, C, OH, OW, G, Cg, Mg, P, K4);
+    geo = (KH, KW, sh, sw, pt, pl, dh, dw); bp, biasp, multp: flat packed weights, bias', multipliers
+    (panel padded); out: flat uint8 view of the (N*OH*OW, G*Mg) output."""
+    n_b, h, w, c_n, oh_n, ow_n, g_n, cg, mg, p_n, k4 = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5],
+                                                      dims[6], dims[7], dims[8], dims[9], dims[10])
+    kh_n, kw_n, sh, sw, pt, pl, dh, dw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    mr = 6 if isa == 2 else 4
+    nvmax = 4 if isa == 2 else 1
+    rows = n_b * oh_n * ow_n
+    kp = 4 * k4
+    k_n = kh_n * kw_n * cg
+    rb_rows = rt_per * mr
+    n_rb = (rows + rb_rows - 1) // rb_rows
+    n_cb = (p_n + pg_per - 1) // pg_per
+    n_tasks = g_n * n_rb * n_cb
+    ohw = oh_n * ow_n
+    ldo = g_n * mg
+    contig = g_n == 1 and dw == 1
+    for t in prange(n_tasks):
+        g = t // (n_rb * n_cb)
+        rem = t % (n_rb * n_cb)
+        rb = rem // n_cb
+        cb = rem % n_cb
+        r0 = rb * rb_rows
+        r1 = min(rows, r0 + rb_rows)
+        if direct:
+            a = x
+            a_base = r0 * c_n
+            lda = c_n
+        else:
+            a = np.empty((r1 - r0) * kp, np.uint8)
+            a_base = 0
+            lda = kp
+            for rr in range(r0, r1):
+                n = rr // ohw
+                q = rr % ohw
+                oh = q // ow_n
+                ow = q % ow_n
+                base = (rr - r0) * kp
+                for kh in range(kh_n):
+                    ih = oh * sh - pt + kh * dh
+                    dst = base + kh * kw_n * cg
+                    iw0 = ow * sw - pl
+                    if ih < 0 or ih >= h:
+                        mk.fill_bytes(a, dst, zfill, kw_n * cg)
+                    elif contig and iw0 >= 0 and iw0 + kw_n <= w:  # the KW taps are adjacent in x
+                        mk.copy_bytes(a, dst, x, ((n * h + ih) * w + iw0) * c_n, kw_n * cg)
+                    else:
+                        for kw in range(kw_n):
+                            iw = iw0 + kw * dw
+                            if iw < 0 or iw >= w:
+                                mk.fill_bytes(a, dst + kw * cg, zfill, cg)
+                            else:
+                                mk.copy_bytes(a, dst + kw * cg, x, ((n * h + ih) * w + iw) * c_n + g * cg, cg)
+                if kp > k_n:
+                    mk.fill_bytes(a, base + k_n, 0, kp - k_n)
+        p0 = cb * pg_per
+        p1 = min(p_n, p0 + pg_per)
+        for pp in range(p0, p1, nvmax):
+            nv = min(nvmax, p1 - pp)
+            col0 = pp * 16
+            ncols = min(16 * nv, mg - col0)
+            for i in range(r0, r1, mr):
+                _tile(isa, nv, a, a_base + (i - r0) * lda, lda, min(mr, r1 - i), bp, (g * p_n + pp) * k4 * 64, k4,
+                      biasp, multp, g * p_n * 16 + col0, y_zp, lo, hi, out, i * ldo + g * mg + col0, ldo, ncols)
+
+
+@dataclass(frozen=True)
+class IGemmPack:
+    """Packed operands of one convolution / GEMM for ``_igemm_kernel`` (see the module docstring)."""
+
+    isa: int  # microkernel.VNNI or microkernel.AVX2
+    packed: np.ndarray  # int8 (G, P, K4, 16, 4)
+    bias: np.ndarray  # int32 (G, P*16): bias - z_x' * colsum(W), wrapped
+    mult: np.ndarray  # float32 (G, P*16), padded with 1
+    flip: int  # 0x80 for int8 activations (flipped to uint8 on the way in), else 0
+    zfill: int  # the activation zero point in the uint8 domain (padding value)
+    kernel_shape: tuple[int, int]
+    cg: int  # input channels per group
+    mg: int  # output channels per group
+    y_zp: int
+    lo: int
+    hi: int
+
+    @property
+    def groups(self) -> int:
+        return self.packed.shape[0]
+
+
+def pack(isa: int, w: np.ndarray, bias: np.ndarray, mult: np.ndarray, x_dtype, x_zp: int, group: int,
+         y_zp: int, lo: int, hi: int) -> IGemmPack:
+    """Pack int8 conv weights ``w`` ``(M, Cg, KH, KW)`` (zero point 0) for ``isa``."""
+    m_n, cg, kh, kw = w.shape
+    mg = m_n // group
+    wk = w.reshape(group, mg, cg, kh, kw).transpose(0, 3, 4, 2, 1).reshape(group, kh * kw * cg, mg)
+    flip = 0x80 if np.dtype(x_dtype) == np.int8 else 0
+    zfill = (int(x_zp) & 0xFF) ^ flip
+    packed, bias_p, mult_p = pack_weights(wk, bias, zfill, mult)
+    return IGemmPack(isa, packed, bias_p, mult_p, flip, zfill, (kh, kw), cg, mg, int(y_zp), int(lo), int(hi))
+
+
+def run(p: IGemmPack, x: np.ndarray, out: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> None:
+    """Convolve the NHWC ``x`` (uint8/int8, C-contiguous) into the NHWC ``out`` (uint8/int8,
+    C-contiguous, shape already checked by the caller) with ``p``'s requantization."""
+    n, h, w, c = x.shape
+    _, oh, ow, m_n = out.shape
+    if out.size == 0:
+        return
+    kh, kw = p.kernel_shape
+    xu = x.view(np.uint8)
+    if p.flip:
+        xu = np.bitwise_xor(xu, np.uint8(p.flip))
+    direct = (kh == kw == 1 and tuple(strides) == (1, 1) and not any(pads) and p.groups == 1 and c % 4 == 0)
+    g, pn, k4 = p.packed.shape[:3]
+    dims = np.array([n, h, w, c, oh, ow, g, p.cg, p.mg, pn, k4], np.int64)
+    geo = np.array([kh, kw, strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1]], np.int64)
+    rt_per, pg_per = task_split(n * oh * ow, pn, g, p.isa, numba.get_num_threads())
+    _igemm_kernel(xu.reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1),
+                  p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))

@@ -1,0 +1,396 @@
+"""Register-blocked int8 GEMM micro-kernels written in LLVM IR (``numba.extending.intrinsic``).
+
+Plain Numba loops compile integer dot products to ``vpmulld`` (int32 products, ~14 GMAC/s per
+run here); the instructions that make int8 fast -- ``vpdpbusd`` (AVX512-VNNI) and
+``vpmaddubsw`` + ``vpmaddwd`` (AVX2) -- are never selected by the auto-vectoriser. The
+intrinsics below emit them directly, from the LLVM intrinsics ``llvm.x86.avx512.vpdpbusd.512``,
+``llvm.x86.avx2.pmadd.ub.sw`` and ``llvm.x86.avx2.pmadd.wd``, inside a K loop whose
+accumulators are SSA values (phi nodes), so they live in vector registers for the whole loop.
+
+Operands (all byte offsets are int64, arrays are 1-D C-contiguous views)
+    ``a``     uint8 rows of the left operand (activations / im2col rows), row ``r`` of the tile at
+              byte ``a_off + r * lda``, ``4 * k4`` bytes read per row (the caller pads K to a
+              multiple of 4; the padding bytes may hold anything, their weights are 0).
+    ``b``     int8 packed weights, one *panel* of 16 output columns at a time, layout
+              ``[k4][16][4]``: bytes ``64*kb + 4*j + t`` hold ``w[4*kb + t, 16*p + j]``; panel ``v``
+              of the tile starts at ``b_off + v * 64 * k4``.
+    ``bias``  int32, 16 entries per panel, the tile's first column at element ``n_off``.
+    ``c``     int32 tile output, row-major ``[MR][64]`` (only the first ``16*nv`` columns written).
+
+Computed: ``c[r, 16*v + j] = bias[n_off + 16*v + j] + sum_k a[r, k] * b[k, 16*v + j]`` in int32
+with two's-complement wrap-around, for ``r < MR`` (rows at or past ``rows`` re-read the last
+valid row: their results are written to ``c`` but the caller ignores them).
+
+Exactness
+    * ``vpdpbusd`` (VNNI): four u8 x s8 products summed into an int32 lane, *not* saturating
+      (unlike ``vpdpbusds``): the result is the exact sum modulo 2**32.
+    * ``vpmaddubsw`` (AVX2) sums two u8 x s8 products into a *saturating* int16: exact only
+      while ``|a0*b0 + a1*b1| <= 32767``; with ``a <= 255`` that holds for ``|b| <= 64``
+      (``2*255*64 = 32640``), which the packer checks before choosing this path. ``vpmaddwd``
+      with ones then adds pairs of int16 into int32 exactly.
+    The caller folds the activation zero point into ``bias`` and guarantees (``check_accumulator``)
+    that the true accumulator fits int32, so the wrapped int32 sum equals it.
+
+Dispatch: ``host_isa()`` reads the compile target's CPU features (``NUMBA_CPU_NAME`` /
+``NUMBA_CPU_FEATURES`` when set, else llvmlite's host features). The kernels take the ISA as a
+run-time argument chosen once when weights are packed; an intrinsic whose instructions the
+target lacks compiles to nothing (it is never selected there), so one compiled driver serves
+every path and Numba's disk cache -- keyed on the CPU name and features -- stays valid.
+Numba caches functions that call these intrinsics like any other (``cache=True`` works).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: ISA codes passed to the kernels
+GENERIC, AVX2, VNNI = 0, 1, 2
+ISA_NAMES = {GENERIC: "generic", AVX2: "avx2", VNNI: "avx512vnni"}
+#: tile geometry per ISA: rows per tile (MR) and the most 16-column panels per tile (NV)
+MR = {VNNI: 6, AVX2: 4}
+NV = {VNNI: 4, AVX2: 1}
+#: ``c`` tile row stride (int32 elements) -- the widest tile, 4 panels
+TILE_LD = 64
+#: |weight| bound for the saturating vpmaddubsw path
+AVX2_MAX_ABS_W = 64
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+@lru_cache(maxsize=None)
+def host_features() -> frozenset:
+    """The compile target's CPU features (names without the '+')."""
+    from numba.core import config
+
+    if config.CPU_FEATURES:
+        feats = config.CPU_FEATURES.split(",")
+        return frozenset(f[1:] for f in feats if f.startswith("+"))
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return frozenset()  # an explicit non-host target: assume nothing
+    import llvmlite.binding as llvm
+
+    fmap = llvm.get_host_cpu_features()
+    return frozenset(k for k, v in fmap.items() if v)
+
+
+def supported_isas() -> tuple[int, ...]:
+    """ISAs the compile target can run, best first (GENERIC always)."""
+    feats = host_features()
+    out = []
+    if {"avx512f", "avx512bw", "avx512vnni"} <= feats:
+        out.append(VNNI)
+    if "avx2" in feats:
+        out.append(AVX2)
+    out.append(GENERIC)
+    return tuple(out)
+
+
+def _vec(bits, n):
+    return ir.VectorType(ir.IntType(bits), n)
+
+
+def _intrinsic_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _splat_i32(builder, val, lanes):
+    vt = _vec(32, lanes)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(vt, [0] * lanes))
+
+
+def _epilogue(builder, accs, mr, nvec, lanes, rows, mult_ptr, n_off, zp, lo, hi, out_ptr, o_off, ldo, ncols):
+    """Requantize the accumulators and store the bytes: ``y = clamp(rne(float32(acc) * m), lo - zp,
+    hi - zp) + zp`` (``reference.requantize_acc``) -- int32 -> float32 conversion and the multiply
+    round to nearest even, ``llvm.rint`` rounds half to even in the default MXCSR mode; no NaN can
+    arise (finite operands). Rows ``>= rows`` and columns ``>= ncols`` are not stored."""
+    ft = ir.VectorType(ir.FloatType(), lanes)
+    it = _vec(32, lanes)
+    bt = _vec(8, lanes)
+    rint = _intrinsic_fn(builder, f"llvm.rint.v{lanes}f32", ft, [ft])
+    zp32 = builder.trunc(zp, _I32)
+    lo_f = builder.sitofp(builder.sub(lo, zp), ir.FloatType())
+    hi_f = builder.sitofp(builder.sub(hi, zp), ir.FloatType())
+    lo_v = _splat(builder, lo_f, ft)
+    hi_v = _splat(builder, hi_f, ft)
+    zp_v = _splat(builder, zp32, it)
+    ys = []
+    for i in range(nvec):
+        off = builder.mul(builder.add(n_off, ir.Constant(_I64, lanes * i)), ir.Constant(_I64, 4))
+        m = builder.load(builder.bitcast(builder.gep(mult_ptr, [off]), ft.as_pointer()), align=4)
+        for r in range(mr):
+            v = builder.fmul(builder.sitofp(accs[r * nvec + i], ft), m)
+            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+            q = builder.add(builder.fptosi(builder.call(rint, [v]), it), zp_v)
+            ys.append((r, i, builder.trunc(q, bt)))
+    for r, i, y in ys:
+        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), rows)):
+            col = lanes * i
+            base = builder.add(o_off, builder.add(builder.mul(ir.Constant(_I64, r), ldo), ir.Constant(_I64, col)))
+            ptr = builder.gep(out_ptr, [base])
+            full = builder.icmp_signed("<=", ir.Constant(_I64, col + lanes), ncols)
+            with builder.if_else(full, likely=True) as (then, otherwise):
+                with then:
+                    builder.store(y, builder.bitcast(ptr, bt.as_pointer()), align=1)
+                with otherwise:
+                    for lane in range(lanes):
+                        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, col + lane), ncols)):
+                            builder.store(builder.extract_element(y, ir.Constant(_I32, lane)),
+                                          builder.gep(ptr, [ir.Constant(_I64, lane)]))
+
+
+def _splat(builder, val, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_vec(32, vt.count), [0] * vt.count))
+
+
+def _make_tile(isa: int, mr: int, nv: int):
+    """An intrinsic computing one ``mr x 16*nv`` tile (see the module docstring)."""
+    lanes = 16 if isa == VNNI else 8
+    halves = 16 // lanes  # vectors per 16-column panel
+    vt = _vec(32, lanes)
+
+    @intrinsic
+    def tile(typingctx, a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols):
+        sig = types.void(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi, out, o_off, ldo, ncols)
+
+        def codegen(context, builder, signature, args):
+            if isa not in supported_isas():  # never selected on this target: emit nothing
+                return context.get_dummy_value()
+            i8p = _I8.as_pointer()
+
+            def data(idx):
+                ary = context.make_array(signature.args[idx])(context, builder, args[idx])
+                return builder.bitcast(ary.data, i8p)
+
+            def as_i64(idx):
+                return context.cast(builder, args[idx], signature.args[idx], types.int64)
+
+            a_ptr, b_ptr, bias_ptr, mult_ptr, out_ptr = data(0), data(4), data(7), data(8), data(13)
+            a_off, lda, rows, b_off, k4, n_off, zp, lo, hi, o_off, ldo, ncols = (
+                as_i64(i) for i in (1, 2, 3, 5, 6, 9, 10, 11, 12, 14, 15, 16))
+            # row pointers, clamped to the last valid row
+            last = builder.sub(rows, ir.Constant(_I64, 1))
+            rptr = []
+            for r in range(mr):
+                rc = ir.Constant(_I64, r)
+                rr = builder.select(builder.icmp_signed("<", rc, rows), rc, last)
+                rptr.append(builder.gep(a_ptr, [builder.add(a_off, builder.mul(rr, lda))]))
+            pstride = builder.mul(k4, ir.Constant(_I64, 64))
+            pptr = [builder.gep(b_ptr, [builder.add(b_off, builder.mul(ir.Constant(_I64, v), pstride))])
+                    for v in range(nv)]
+            init = []
+            for v in range(nv):
+                for h in range(halves):
+                    off = builder.mul(builder.add(n_off, ir.Constant(_I64, 16 * v + lanes * h)), ir.Constant(_I64, 4))
+                    init.append(builder.load(builder.bitcast(builder.gep(bias_ptr, [off]), vt.as_pointer()), align=4))
+            pre = builder.basic_block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            kb = builder.phi(_I64)
+            kb.add_incoming(ir.Constant(_I64, 0), pre)
+            accs = []
+            for r in range(mr):
+                for i in range(nv * halves):
+                    p = builder.phi(vt)
+                    p.add_incoming(init[i], pre)
+                    accs.append(p)
+            boff = builder.mul(kb, ir.Constant(_I64, 64))
+            aoff = builder.mul(kb, ir.Constant(_I64, 4))
+            bvec = []
+            for v in range(nv):
+                for h in range(halves):
+                    ptr = builder.gep(pptr[v], [builder.add(boff, ir.Constant(_I64, 4 * lanes * h))])
+                    bvec.append(builder.load(builder.bitcast(ptr, vt.as_pointer()), align=1))
+            new = []
+            if isa == VNNI:
+                fn = _intrinsic_fn(builder, "llvm.x86.avx512.vpdpbusd.512", vt, [vt, vt, vt])
+            else:
+                v8 = _vec(8, 32)
+                v16 = _vec(16, 16)
+                fn_ub = _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [v8, v8])
+                fn_wd = _intrinsic_fn(builder, "llvm.x86.avx2.pmadd.wd", vt, [v16, v16])
+                ones = ir.Constant(v16, [1] * 16)
+            for r in range(mr):
+                aval = builder.load(builder.bitcast(builder.gep(rptr[r], [aoff]), _I32.as_pointer()), align=1)
+                abc = _splat_i32(builder, aval, lanes)
+                for i in range(nv * halves):
+                    acc = accs[r * nv * halves + i]
+                    if isa == VNNI:
+                        new.append(builder.call(fn, [acc, abc, bvec[i]]))
+                    else:
+                        s16 = builder.call(fn_ub, [builder.bitcast(abc, v8), builder.bitcast(bvec[i], v8)])
+                        new.append(builder.add(acc, builder.call(fn_wd, [s16, ones])))
+            kb_next = builder.add(kb, ir.Constant(_I64, 1))
+            end = builder.basic_block
+            kb.add_incoming(kb_next, end)
+            for p, n in zip(accs, new):
+                p.add_incoming(n, end)
+            builder.cbranch(builder.icmp_signed("<", kb_next, k4), loop, done)
+            builder.position_at_end(done)
+            _epilogue(builder, new, mr, nv * halves, lanes, rows, mult_ptr, n_off, zp, lo, hi, out_ptr, o_off,
+                      ldo, ncols)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__name__ = f"tile_{ISA_NAMES[isa]}_{mr}x{nv}"
+    return tile
+
+
+tile_vnni_1 = _make_tile(VNNI, MR[VNNI], 1)
+tile_vnni_2 = _make_tile(VNNI, MR[VNNI], 2)
+tile_vnni_3 = _make_tile(VNNI, MR[VNNI], 3)
+tile_vnni_4 = _make_tile(VNNI, MR[VNNI], 4)
+tile_avx2_1 = _make_tile(AVX2, MR[AVX2], 1)
+
+
+@intrinsic
+def copy_bytes(typingctx, dst, dst_off, src, src_off, n):
+    """``dst[dst_off : dst_off + n] = src[src_off : src_off + n]`` (byte offsets, ``llvm.memcpy``; the
+    ranges must not overlap). Plain Numba byte loops keep a negative-index check per element and do
+    not vectorise; this is one call."""
+    sig = types.void(dst, dst_off, src, src_off, n)
+
+    def codegen(context, builder, signature, args):
+        i8p = _I8.as_pointer()
+        d = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8p)
+        s = builder.bitcast(context.make_array(signature.args[2])(context, builder, args[2]).data, i8p)
+        do, so, cnt = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3, 4))
+        cgutils.raw_memcpy(builder, builder.gep(d, [do]), builder.gep(s, [so]), cnt, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fill_bytes(typingctx, dst, dst_off, value, n):
+    """``dst[dst_off : dst_off + n] = value & 0xFF`` (byte offsets, ``llvm.memset``)."""
+    sig = types.void(dst, dst_off, value, n)
+
+    def codegen(context, builder, signature, args):
+        i8p = _I8.as_pointer()
+        d = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8p)
+        do, cnt = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3))
+        val = builder.trunc(context.cast(builder, args[2], signature.args[2], types.int64), _I8)
+        cgutils.memset(builder, builder.gep(d, [do]), cnt, val)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------- 16-channel depthwise steps
+# Generic LLVM vector IR (no x86 intrinsics): legal on every target, LLVM legalises <16 x float>
+# into whatever registers the CPU has.
+_F32 = ir.FloatType()
+_VF = ir.VectorType(_F32, 16)
+_VI = _vec(32, 16)
+_VB = _vec(8, 16)
+
+
+def _elem_ptr(context, builder, ty, val, idx, vt):
+    ary = context.make_array(ty)(context, builder, val)
+    return builder.bitcast(builder.gep(ary.data, [idx]), vt.as_pointer())
+
+
+@intrinsic
+def dw_fma16(typingctx, acc, acc_off, x, x_off, w, w_off, zf):
+    """``acc[o:o+16] += (float32(x[xo:xo+16]) - zf) * w[wo:wo+16]`` (float32 ``acc``/``w``, uint8 or
+    int8 ``x``; element offsets). Exact while every partial sum is an integer below 2**24."""
+    sig = types.void(acc, acc_off, x, x_off, w, w_off, zf)
+    signed = x.dtype == types.int8
+
+    def codegen(context, builder, signature, args):
+        a_t, _, x_t, _, w_t, _, _ = signature.args
+        ao, xo, wo = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3, 5))
+        pa = _elem_ptr(context, builder, a_t, args[0], ao, _VF)
+        px = _elem_ptr(context, builder, x_t, args[2], xo, _VB)
+        pw = _elem_ptr(context, builder, w_t, args[4], wo, _VF)
+        xv = builder.load(px, align=1)
+        xi = builder.sext(xv, _VI) if signed else builder.zext(xv, _VI)
+        zf_v = _splat(builder, context.cast(builder, args[6], signature.args[6], types.float32), _VF)
+        prod = builder.fmul(builder.fsub(builder.sitofp(xi, _VF), zf_v), builder.load(pw, align=4))
+        builder.store(builder.fadd(builder.load(pa, align=4), prod), pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def requant16(typingctx, acc, acc_off, bias, b_off, mult, zp, lo, hi, out, o_off):
+    """16 channels of the one requantization from an exact float32 integer accumulator:
+    ``out[o:o+16] = clamp(rne(float32(int32(acc) + bias) * mult), lo - zp, hi - zp) + zp`` (the bias
+    and mult vectors start at element ``b_off``; bytes stored as two's complement)."""
+    sig = types.void(acc, acc_off, bias, b_off, mult, zp, lo, hi, out, o_off)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        ao, bo, oo = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 3, 9))
+        zp, lo, hi = (context.cast(builder, args[i], t[i], types.int64) for i in (5, 6, 7))
+        pa = _elem_ptr(context, builder, t[0], args[0], ao, _VF)
+        pb = _elem_ptr(context, builder, t[2], args[2], bo, _VI)
+        pm = _elem_ptr(context, builder, t[4], args[4], bo, _VF)
+        po = _elem_ptr(context, builder, t[8], args[8], oo, _VB)
+        acc = builder.add(builder.fptosi(builder.load(pa, align=4), _VI), builder.load(pb, align=4))
+        v = builder.fmul(builder.sitofp(acc, _VF), builder.load(pm, align=4))
+        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
+        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
+        v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+        v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+        q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), _splat(builder, builder.trunc(zp, _I32), _VI))
+        builder.store(builder.trunc(q, _VB), po, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def qdq_binary16(typingctx, op, a, b, off, sa, za, sb, zb, sy, zy, lo, hi, out):
+    """16 elements of ``Q(DQ(a) op DQ(b))`` (``op`` 0 = add, 1 = multiply; ``reference.qlinear_add``):
+    ``fa = float32(a - za) * sa``, ``fb`` alike, one float32 add/multiply, one IEEE division by
+    ``sy`` (vector division is correctly rounded like the scalar one), ``rne``, ``+ zy``, clamp to
+    ``[lo, hi]``. NaN cannot arise (finite operands; an infinite quotient is clamped)."""
+    sig = types.void(op, a, b, off, sa, za, sb, zb, sy, zy, lo, hi, out)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+
+        def i64(i):
+            return context.cast(builder, args[i], t[i], types.int64)
+
+        def f32(i):
+            return _splat(builder, context.cast(builder, args[i], t[i], types.float32), _VF)
+
+        o = i64(3)
+        fa_fb = []
+        for arr, s_i, z_i in ((1, 4, 5), (2, 6, 7)):
+            v = builder.load(_elem_ptr(context, builder, t[arr], args[arr], o, _VB), align=1)
+            vi = builder.sext(v, _VI) if t[arr].dtype == types.int8 else builder.zext(v, _VI)
+            vi = builder.sub(vi, _splat(builder, builder.trunc(i64(z_i), _I32), _VI))
+            fa_fb.append(builder.fmul(builder.sitofp(vi, _VF), f32(s_i)))
+        is_add = builder.icmp_signed("==", i64(0), ir.Constant(_I64, 0))
+        f = builder.select(is_add, builder.fadd(*fa_fb), builder.fmul(*fa_fb))
+        v = builder.fdiv(f, f32(8))
+        zy, lo, hi = i64(9), i64(10), i64(11)
+        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zy), _F32), _VF)
+        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zy), _F32), _VF)
+        v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+        v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+        q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), _splat(builder, builder.trunc(zy, _I32), _VI))
+        builder.store(builder.trunc(q, _VB), _elem_ptr(context, builder, t[12], args[12], o, _VB), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
