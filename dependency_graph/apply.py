@@ -9,7 +9,8 @@ A plan maps group id -> kept group channels. For every dim ``d`` the keep mask i
 :func:`apply_plan` then, in this order,
 
 1. lets every rule rewrite what depends on channel counts (Conv ``group``, Split sizes, Slice
-   ``starts``/``ends``, Resize ``sizes``) while the old shapes are still readable;
+   ``starts``/``ends``, Resize ``sizes``, Reshape/Expand targets, GroupNormalization
+   ``num_groups``, Gather indices) while the old shapes are still readable;
 2. slices every constant member with ``np.take(value, flatnonzero(keep_d), axis)`` - initializers
    and ``Constant``-node values alike (a constant with two pruned axes, a Conv weight, is sliced
    on both);

@@ -76,34 +76,49 @@ def _conv_geometry(node: gs.Node, x_shape, w_shape):
     return kernel, strides, dilations, pads
 
 
-def _pad_input(x: np.ndarray, kernel, strides, dilations, pads):
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-        kernel, strides, dilations = [1, *kernel], [1, *strides], [1, *dilations]
-        pads = [0, pads[0], 0, pads[1]]
-    n, c, h, w = x.shape
-    kh, kw = kernel
-    oh = (h + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    ow = (w + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    return xp, (kh, kw), strides, dilations, oh, ow
+def _as_2d(kernel, strides, dilations, pads):
+    """1-D geometry as 2-D with a unit leading axis (a 1-D input gets ``[:, :, None, :]``)."""
+    if len(kernel) == 1:
+        return [1, *kernel], [1, *strides], [1, *dilations], [0, pads[0], 0, pads[1]]
+    return kernel, strides, dilations, pads
+
+
+def _output_hw(shape, kernel, strides, dilations, pads) -> tuple[int, int]:
+    """Output height and width of a 2-D conv (geometry already made 2-D) on a ``[N, C, H, W]`` input."""
+    h, w = int(shape[-2]), int(shape[-1])
+    oh = (h + pads[0] + pads[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    ow = (w + pads[1] + pads[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    return oh, ow
 
 
 def im2col(x: np.ndarray, kernel, strides, dilations, pads, rows: np.ndarray | None = None) -> np.ndarray:
     """``[N, C, *spatial]`` (1-D or 2-D) -> ``[N * positions, C * prod(kernel)]``, (c, ky, kx) order.
 
-    ``rows`` (flat indices into ``N * positions``, sample-major) gathers only those rows.
+    ``rows`` (flat indices into ``N * positions``, sample-major) gathers only those rows, straight
+    from ``x`` (no padded copy: taps that fall into the padding are zero).
     """
-    xp, (kh, kw), (sh, sw), (dh, dw), oh, ow = _pad_input(x, kernel, strides, dilations, pads)
-    n, c = xp.shape[:2]
+    if x.ndim == 3:
+        x = x[:, :, None, :]
+    (kh, kw), (sh, sw), (dh, dw), pads = _as_2d(kernel, strides, dilations, pads)
+    n, c, h, w = x.shape
+    oh, ow = _output_hw(x.shape, (kh, kw), (sh, sw), (dh, dw), pads)
     if rows is not None:
         b, pos = np.divmod(np.asarray(rows, dtype=np.int64), oh * ow)
         r, q = np.divmod(pos, ow)
-        out = np.empty((rows.size, c, kh, kw), dtype=x.dtype)
+        out = np.zeros((b.size, c, kh, kw), dtype=x.dtype)
         for i in range(kh):
+            ys = r * sh + i * dh - pads[0]
+            inside_y = (ys >= 0) & (ys < h)
             for j in range(kw):
-                out[:, :, i, j] = xp[b, :, r * sh + i * dh, q * sw + j * dw]
-        return out.reshape(rows.size, c * kh * kw)
+                xs = q * sw + j * dw - pads[1]
+                inside = inside_y & (xs >= 0) & (xs < w)
+                if inside.all():
+                    out[:, :, i, j] = x[b, :, ys, xs]
+                else:
+                    idx = np.flatnonzero(inside)
+                    out[idx, :, i, j] = x[b[idx], :, ys[idx], xs[idx]]
+        return out.reshape(b.size, c * kh * kw)
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -114,13 +129,42 @@ def im2col(x: np.ndarray, kernel, strides, dilations, pads, rows: np.ndarray | N
 def _positions(x: np.ndarray, kind: str, geometry) -> int:
     if kind != "conv":
         return int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
-    *_, oh, ow = _pad_input(x[:1], *geometry)
+    shape = x.shape if x.ndim == 4 else (*x.shape[:2], 1, x.shape[-1])
+    oh, ow = _output_hw(shape, *_as_2d(*geometry))
     return oh * ow
+
+
+def spd_solve(a: np.ndarray, b: np.ndarray, block: int = 256) -> np.ndarray:
+    """``a^{-1} b`` for a symmetric positive definite ``a``: Cholesky ``a = L L^T``, then two blocked
+    triangular solves (numpy has no ``trsm``: each diagonal block is solved directly, the rest are
+    matrix products). Half the factorisation work of LU; falls back to LU if ``a`` is not PD."""
+    try:
+        low = np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return np.linalg.solve(a, b)
+    n = a.shape[0]
+    starts = list(range(0, n, block))
+    z = np.empty_like(b, dtype=np.float64)
+    for s in starts:
+        e = min(n, s + block)
+        z[s:e] = np.linalg.solve(low[s:e, s:e], b[s:e] - low[s:e, :s] @ z[:s])
+    out = np.empty_like(z)
+    for s in reversed(starts):
+        e = min(n, s + block)
+        out[s:e] = np.linalg.solve(low[s:e, s:e].T, z[s:e] - low[e:, s:e].T @ out[e:])
+    return out
 
 
 @dataclass
 class LayerFit:
-    """Streaming least-squares refit of one consumer node (see the module docstring)."""
+    """Streaming least-squares refit of one consumer node (see the module docstring).
+
+    Two ways to gather the same statistics, picked by cost per row (``full_gram=None``: the
+    cheaper): the kept features' Gram and their product with the targets ``W x`` (``|K|^2 +
+    2 |K| C' + 2 D C'`` multiply-adds per row, ``C'`` kept outputs, ``D`` all features), or the
+    Gram of *all* ``D`` features (``D^2``), from which ``E[x_K x_K^T]`` is a sub-block and
+    ``E[x_K (W x)^T] = E[x_K x^T] W^T`` follows once at solve time (1x1 convs that expand).
+    """
 
     node: gs.Node
     kind: str  # "conv", "gemm" or "matmul"
@@ -132,6 +176,7 @@ class LayerFit:
     intercept: bool
     geometry: tuple | None = None
     dtype: type = np.float32  # of the per-batch products (sums are float64)
+    full_gram: bool | None = None  # None: whichever costs less per row
     n: int = 0
     sum_x: np.ndarray = field(default=None)
     sum_y: np.ndarray = field(default=None)
@@ -139,15 +184,28 @@ class LayerFit:
     xy: np.ndarray = field(default=None)
 
     def __post_init__(self):
-        k = int(self.col_keep.sum())
-        out = self.w2d.shape[0]
-        self.sum_x = np.zeros(k)
-        self.sum_y = np.zeros(out)
-        self.xx = np.zeros((k, k))
-        self.xy = np.zeros((k, out))
+        k, d = int(self.col_keep.sum()), self.w2d.shape[1]
+        out = int(self.out_keep.sum())
+        if self.full_gram is None:
+            self.full_gram = d * d < k * k + 2 * k * out + 2 * d * out
+        m = d if self.full_gram else k
+        self.sum_x = np.zeros(m)
+        self.xx = np.zeros((m, m))
+        if not self.full_gram:
+            self.sum_y = np.zeros(out)
+            self.xy = np.zeros((k, out))
         self._shift_x: np.ndarray | None = None
         self._shift_y: np.ndarray | None = None
-        self._w = np.ascontiguousarray(self.w2d.T, dtype=np.float32)
+        self._w = np.ascontiguousarray(self.w2d[self.out_keep].T, dtype=np.float32)  # [D, C']
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the accumulated statistics (independent of the number of rows seen)."""
+        return sum(a.nbytes for a in (self.sum_x, self.sum_y, self.xx, self.xy) if a is not None)
+
+    def drop_statistics(self) -> None:
+        """Free the accumulators (after :meth:`solve`); the fit can still provide targets."""
+        self.sum_x = self.sum_y = self.xx = self.xy = None
 
     def rows(self, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -155,6 +213,10 @@ class LayerFit:
             return im2col(x, *self.geometry, rows=pick)
         flat = x.reshape(-1, x.shape[-1])
         return flat if pick is None else flat[pick]
+
+    def targets(self, x: np.ndarray, pick: np.ndarray | None = None) -> np.ndarray:
+        """The original layer's output ``W x + b`` at the kept output channels, one row per position."""
+        return self.rows(x, pick) @ self._w + self.bias[self.out_keep].astype(np.float32)
 
     def _pick(self, x: np.ndarray, rows_per_sample: int | None, rng: np.random.Generator | None):
         """Sorted row indices to keep (None: all), ``rows_per_sample`` of each sample at most."""
@@ -170,48 +232,66 @@ class LayerFit:
     def update(self, x: np.ndarray, *, rows_per_sample: int | None = None, rng: np.random.Generator | None = None) -> None:
         """Accumulate one batch of the layer's (original) input ``x``; targets ``W x``."""
         rows = self.rows(x, self._pick(x, rows_per_sample, rng))
-        self.accumulate(rows[:, self.col_keep], rows @ self._w)
+        if self.full_gram:
+            self.accumulate(rows, None)
+        else:
+            self.accumulate(rows[:, self.col_keep], rows @ self._w)
 
-    def update_pair(self, x_pruned: np.ndarray, y_original: np.ndarray, *, rows_per_sample: int | None = None,
-                    rng: np.random.Generator | None = None) -> None:
-        """Accumulate the *pruned* model's input against the original layer's output (round 2)."""
+    def update_pair(self, x_pruned: np.ndarray, x_original: np.ndarray, target: "LayerFit", *,
+                    rows_per_sample: int | None = None, rng: np.random.Generator | None = None) -> None:
+        """Accumulate the *pruned* model's input against the original layer's output (round 2).
+
+        ``x_original`` is the original model's input of the same node, ``target`` its round-1
+        fit: the targets are ``target.targets(x_original)`` at the same (sampled) positions.
+        """
         pick = self._pick(x_pruned, rows_per_sample, rng)
-        rows = self.rows(x_pruned, pick)
-        y = np.asarray(y_original, dtype=np.float32)
-        y = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if self.kind == "conv" else y.reshape(-1, y.shape[-1])
-        self.accumulate(rows, y if pick is None else y[pick])
+        self.accumulate(self.rows(x_pruned, pick), target.targets(x_original, pick))
 
-    def accumulate(self, xk: np.ndarray, y: np.ndarray) -> None:
+    def accumulate(self, xk: np.ndarray, y: np.ndarray | None) -> None:
+        """Add rows of features (and their targets; ``None`` for a full-Gram fit) to the sums."""
         if self._shift_x is None:  # shifted moments: no cancellation when centring (docstring)
             self._shift_x = xk.mean(axis=0, dtype=np.float64)
-            self._shift_y = y.mean(axis=0, dtype=np.float64)
-        xk = (xk - self._shift_x).astype(self.dtype, copy=False)
-        y = (y - self._shift_y).astype(self.dtype, copy=False)
+            if y is not None:
+                self._shift_y = y.mean(axis=0, dtype=np.float64)
+        xk = np.subtract(xk, self._shift_x.astype(self.dtype), dtype=self.dtype)
         self.n += xk.shape[0]
         self.sum_x += xk.sum(axis=0, dtype=np.float64)
-        self.sum_y += y.sum(axis=0, dtype=np.float64)
         self.xx += xk.T @ xk
-        self.xy += xk.T @ y
+        if y is not None:
+            y = np.subtract(y, self._shift_y.astype(self.dtype), dtype=self.dtype)
+            self.sum_y += y.sum(axis=0, dtype=np.float64)
+            self.xy += xk.T @ y
+
+    def _moments(self):
+        """(E[x~_K x~_K^T], E[x~_K y~^T], mean x~_K, mean y~, shift x, shift y) of the shifted data."""
+        if not self.full_gram:
+            return (self.xx / self.n, self.xy / self.n, self.sum_x / self.n, self.sum_y / self.n,
+                    self._shift_x, self._shift_y)
+        keep = self.col_keep
+        w = self._w.astype(np.float64)  # y = W x: shifted targets are W x~, shift W s
+        g = self.xx[keep] / self.n
+        mean = self.sum_x / self.n
+        return g[:, keep], g @ w, mean[keep], mean @ w, self._shift_x[keep], self._shift_x @ w
 
     def solve(self, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-        """(weights ``[C_out, |K|]``, bias ``[C_out]``) in the original output order."""
+        """(weights ``[C', |K|]``, bias ``[C']``) for the kept output channels ``C'``, in order."""
         if self.n == 0:
             raise ValueError(f"no calibration rows reached '{self.node.name}'")
-        k = self.xx.shape[0]
-        mx, my = self.sum_x / self.n, self.sum_y / self.n  # means of the shifted data
+        exx, exy, mx, my, sx, sy = self._moments()
+        k = exx.shape[0]
         if self.intercept:
-            s = self.xx / self.n - np.outer(mx, mx)
-            r = self.xy / self.n - np.outer(mx, my)
+            s = exx - np.outer(mx, mx)
+            r = exy - np.outer(mx, my)
         else:  # raw moments: undo the shift
-            sx, sy = self._shift_x, self._shift_y
-            s = self.xx / self.n + np.outer(mx, sx) + np.outer(sx, mx) + np.outer(sx, sx)
-            r = self.xy / self.n + np.outer(mx, sy) + np.outer(sx, my) + np.outer(sx, sy)
+            s = exx + np.outer(mx, sx) + np.outer(sx, mx) + np.outer(sx, sx)
+            r = exy + np.outer(mx, sy) + np.outer(sx, my) + np.outer(sx, sy)
         lam = ridge * max(float(np.trace(s)) / max(k, 1), 1e-12)
-        a = np.linalg.solve(s + lam * np.eye(k), r)  # [K, C_out]
+        s[np.diag_indices(k)] += lam
+        a = spd_solve(s, r)  # [K, C']
         if self.intercept:
-            b = (my + self._shift_y) + self.bias - (mx + self._shift_x) @ a
+            b = (my + sy) + self.bias[self.out_keep] - (mx + sx) @ a
         else:
-            b = self.bias.copy()
+            b = self.bias[self.out_keep].copy()
         return a.T, b
 
 
@@ -324,13 +404,13 @@ def _write(graph: gs.Graph, node: gs.Node, index: int, value: np.ndarray, base: 
 
 
 def write_fit(graph: gs.Graph, fit: LayerFit, weights: np.ndarray, bias: np.ndarray) -> None:
-    """Store a solved fit into the *pruned* node (rows of removed outputs dropped)."""
+    """Store a solved fit (kept output channels only, see :meth:`LayerFit.solve`) into the *pruned* node."""
     node = fit.node
     wt = node.inputs[1]
     old = constant_value(wt)
     dtype = old.dtype
-    w = weights[fit.out_keep]
-    b = bias[fit.out_keep].astype(dtype)
+    w = weights
+    b = bias.astype(dtype)
     name = node.name or node.op
     if fit.kind == "conv":
         value = w.reshape(old.shape).astype(dtype)
@@ -357,7 +437,8 @@ def second_round(fit: LayerFit) -> LayerFit:
     """A fresh fit of the same (now pruned and refitted) node, for :meth:`LayerFit.update_pair`.
 
     Targets are the original layer's outputs at the kept output channels (bias included, and
-    for a MatMul the bias of its Add), so the new fit carries a zero bias of its own and keeps every (already kept) input.
+    for a MatMul the bias of its Add; computed by ``fit.targets``), so the new fit carries a
+    zero bias of its own and keeps every (already kept) input.
     """
     node = fit.node
     found = _weight_matrix(node)
@@ -367,4 +448,5 @@ def second_round(fit: LayerFit) -> LayerFit:
         ws = constant_value(node.inputs[1]).shape
         geometry = _conv_geometry(node, node.inputs[0].shape, ws)
     return LayerFit(node, kind, fit.input_name, w2d, np.zeros(w2d.shape[0]),
-                    np.ones(w2d.shape[1], dtype=bool), np.ones(w2d.shape[0], dtype=bool), fit.intercept, geometry)
+                    np.ones(w2d.shape[1], dtype=bool), np.ones(w2d.shape[0], dtype=bool), fit.intercept, geometry,
+                    full_gram=False)

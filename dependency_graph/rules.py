@@ -56,14 +56,20 @@ Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
   counts are conserved, so the leading (flattened) index agrees on both sides and channel ``c``
   covers flat offsets ``[c T, (c+1) T)``. If ``T' = r T``: ``X[.., c] <-> Y[.., c // r]`` (``C ->
   heads x head_dim`` with ``r = head_dim``: a channel is a whole head); if ``T = r T'``:
-  ``Y[.., j] <-> X[.., j // r]`` (``heads x head_dim -> C``, ``C x H x W -> C*H*W``). A tail that is
-  not static, or channels that straddle the new axes (an inner factor such as ``head_dim``, or a
-  channel shuffle's group axis), is a barrier. The target-shape entry of the pruned output axis
+  ``Y[.., j] <-> X[.., j // r]`` (``heads x head_dim -> C``, ``C x H x W -> C*H*W``). Trailing axes
+  named by the same symbol on both sides (a run-time sequence length ``s`` in ``[b, G, r, s, D] ->
+  [b, G*r, s, D]``, equal by shape inference) multiply both tails alike and cancel first. A tail
+  that is otherwise not static, or channels that straddle the new axes (an inner factor such as
+  ``head_dim``, or a channel shuffle's group axis), is a barrier. The target-shape entry of the pruned output axis
   must be ``-1`` (left alone) or a constant, directly or as a constant piece of a 1-D ``Concat``
   (torch's ``x.size()[:-1] + (H, D)``); after pruning it becomes the kept count. An entry computed
-  at run time or ``0`` (copy the input size) is a barrier.
+  at run time or ``0`` (copy the input size) is a barrier, except a target that is the whole
+  ``Shape(t)`` of a tensor ``t`` of the output's rank (torch's ``view(x.shape)``, GroupNorm's way
+  back from ``[N, G, -1]`` under a dynamic batch): then ``Y[.., j] <-> t[.., j]`` one to one, so
+  ``Shape(t)`` yields the kept count at run time and nothing is rewritten.
 * Shape: no link; allowed when every consumer reads other axes only (``Gather``/``Slice`` with
-  constant indices, torch's batch and sequence lengths), else a barrier.
+  constant indices, torch's batch and sequence lengths) or is the Reshape above (``t[.., j] <->
+  Y[.., j]``), else a barrier.
 * MatMul of two activations (attention ``Q K^T`` and ``P V``), ``A [..., M, K] B [..., K, N]``:
   batch axes (the heads) one to one with broadcasting as for element-wise ops, ``A`` axis ``-2``
   <-> ``Y`` axis ``-2``, ``B`` axis ``-1`` <-> ``Y`` axis ``-1``; the contraction axis is a barrier.
@@ -76,6 +82,38 @@ Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
   changes the mean and variance every other channel is normalised with, so a residual stream
   through LayerNorm stays frozen (an encoder's FFN width and heads are what prune).
 * Transpose: input axis ``perm[j]`` <-> output axis ``j``. Squeeze/Unsqueeze: the axes that stay.
+* DepthToSpace (blocksize ``b``, ``X [N, b*b*C, H, W] -> Y [N, C, b*H, b*W]``): ``DCR``: ``X[:,
+  (i*b + j)*C + c] <-> Y[:, c]`` (output channel ``c`` couples the ``b*b`` input channels ``k*C + c``);
+  ``CRD``: ``X[:, c*b*b + i*b + j] <-> Y[:, c]`` (a contiguous block; torch's ``pixel_shuffle``).
+  SpaceToDepth (``X [N, C, H, W] -> Y [N, b*b*C, H/b, W/b]``): ``Y[:, (i*b + j)*C + c] <-> X[:, c]``.
+  Axis 0 one to one, spatial axes barriers. Kept input channels stay in layout order, so the node
+  needs no rewrite: ``C' = #kept`` follows from the input.
+* GroupNormalization (``num_groups = G``, ``cpg = C/G``): axis 0 one to one; on axis 1 a whole
+  normalisation group ``X[:, g*cpg : (g+1)*cpg] <-> Y[...]`` is one channel (removing a group
+  changes no other group's mean or variance; removing part of one would). ``scale``/``bias`` hold
+  one value per group before opset 21 (``scale[g]``) and per channel from 21 (``scale[c]``); after
+  pruning ``num_groups := #kept groups``. Spatial axes are normalised over: barriers. ONNX's shape
+  inference does not type its output; without shapes it is a barrier.
+* Gather(``axis = a``): data axes ``k != a`` <-> output axis ``k`` (``k < a``) or ``k + q - 1``
+  (``q`` = rank of the indices). On axis ``a`` with constant 1-D ``idx`` (negative ones wrapped):
+  ``X[.., idx[p], ..] <-> Y[.., p, ..]``; a channel gathered twice couples both positions (removed
+  together); channels never gathered are not linked (nobody downstream reads them here). After
+  pruning ``idx' = [#kept(X[:idx[p]]) for each kept p]``. A scalar index (the axis disappears),
+  indices of rank > 1 or computed at run time on axis ``a`` are barriers; with run-time indices
+  the output axes ``a ..`` follow the indices' axes one to one. GatherND (``batch_dims = 0``,
+  indices ``[..., k]``): data axes ``>= k`` pass through; constant indices ``[P, 1]`` gather axis 0
+  like Gather (torch's ``x[:, [i, j]]`` under the dynamo exporter, between two Transposes).
+* Expand: axes aligned from the right; an axis of equal size on both sides is one to one, its
+  constant target entry (unless ``1``) becomes the kept count; a broadcast or created axis is a
+  barrier. Tile: axes repeated once are one to one, tiled axes are barriers.
+* Grouped-query attention (``H = G*r`` query heads, ``G`` key/value groups): torch's
+  ``repeat_interleave(r, dim=1)`` exports as ``Unsqueeze -> Tile/Expand [.., G, r, ..] -> Reshape
+  [.., G*r, ..]``; with the rules above (Reshape: ``Y[:, h] <-> X[:, h // r]``) and the attention
+  MatMul rule, query head ``h`` is linked to key/value group ``h // r``: a channel is one KV group
+  with its ``r`` query heads (``r*D`` columns of ``Wq``, ``D`` of ``Wk`` and ``Wv``, ``r*D`` rows of
+  ``Wo``), the granularity at which removal is provably exact. A run-time sequence length inside the
+  repeat's Reshape is fine when both sides carry its symbol; an Expand whose output sizes are left
+  unknown (``expand`` with shapes read at run time) is a barrier.
 * Reduce* (keepdims or not), Softmax/LogSoftmax (opset >= 13), Resize (scale 1 or constant sizes
   on the axis), Pad (zero pads on the axis): one to one on axes they do not reduce / normalise /
   resample / pad, a barrier on the others. Resize with ``sizes`` rewrites the size after pruning.
@@ -85,12 +123,13 @@ them (torch's legacy exporter reads BatchNormalization statistics through ``Iden
 producer's own rule must then carry the cut (or freeze the group). Only MatMul requires a
 constant 2-D right operand to be a Linear layer; a product of two activations is attention.
 
-Everything else (DepthToSpace, GroupNormalization, Gather, dynamic shapes, graph inputs and
-outputs) is a barrier until a rule is written for it.
+Everything else (LRN, GatherElements, Scatter*, dynamic shapes that cannot be proven, graph
+inputs and outputs) is a barrier until a rule is written for it.
 
 Each rule may also implement ``apply(actx, node)``, called after a plan is chosen and before
 weights are sliced, to rewrite what depends on channel counts (``group``, ``split`` sizes, Slice
-``starts``/``ends``, Resize ``sizes``, Reshape target shapes). ``actx.kept(tensor, axis)`` gives the boolean keep mask of
+``starts``/``ends``, Resize ``sizes``, Reshape and Expand target shapes, ``num_groups``, Gather
+indices). ``actx.kept(tensor, axis)`` gives the boolean keep mask of
 a dim (None when nothing on it is removed).
 """
 
@@ -883,6 +922,16 @@ def _reshape_entry(node: gs.Node, j: int) -> tuple[gs.Node, int, np.ndarray, int
     raise Barrier(f"target shape has no entry {j}")
 
 
+def _dim_token(ctx, tensor: gs.Tensor, axis: int) -> int | str | None:
+    """Static size of an axis, else its symbolic name (``dim_param``), else None."""
+    size = ctx.axis_size(tensor, axis)
+    if size is not None:
+        return size
+    shape = None if isinstance(tensor, gs.Constant) else tensor.shape
+    d = shape[axis] if shape is not None and axis < len(shape) else None
+    return d if isinstance(d, str) and d else None
+
+
 def _shape_source(node: gs.Node) -> gs.Tensor | None:
     """``t`` when a Reshape's target is the whole ``Shape(t)`` of a tensor of the output's rank
     (torch's ``x.view(orig.shape)``, GroupNorm's way back from ``[N, G, -1]``), else None."""
@@ -911,15 +960,22 @@ class ReshapeRule(ChannelRule):
             raise Barrier("the target shape is not a channel tensor")
         other = y if tensor is x else x
         rt, ro = tensor_rank(tensor), tensor_rank(other)
-        tail = [ctx.axis_size(tensor, a) for a in range(axis, rt)]
-        if any(d is None for d in tail):
+        tail = [_dim_token(ctx, tensor, a) for a in range(axis, rt)]
+        o_dims = [_dim_token(ctx, other, b) for b in range(ro)]
+        # trailing axes of the same symbolic size on both sides (shape inference's proof that they
+        # are equal, e.g. a run-time sequence length) scale both tails alike: they cancel
+        while (len(tail) > 1 and o_dims and tail[-1] is not None and tail[-1] == o_dims[-1]
+               and any(isinstance(d, str) for d in tail[1:])):
+            tail.pop()
+            o_dims.pop()
+        if any(not isinstance(d, int) for d in tail):
             raise Barrier(f"shape of '{tensor.name}' from axis {axis} on is not static")
         inner = int(np.prod(tail[1:], dtype=np.int64))
         block = tail[0] * inner
         match, prod = None, 1
-        for b in range(ro - 1, -1, -1):
-            s = ctx.axis_size(other, b)
-            if s is None:
+        for b in range(len(o_dims) - 1, -1, -1):
+            s = o_dims[b]
+            if not isinstance(s, int):
                 raise Barrier(f"size of '{other.name}' axis {b} is unknown (computed at run time)")
             prod *= s
             if prod == block:
@@ -929,7 +985,7 @@ class ReshapeRule(ChannelRule):
                 break
         if match is None:
             raise Barrier(f"axis {axis} of '{tensor.name}' is merged with or split across other axes")
-        o_inner = prod // ctx.axis_size(other, match)
+        o_inner = prod // o_dims[match]
         ya = match if other is y else axis  # the axis of Y whose target size may change
         source = _shape_source(node)
         if source is not None:  # the target size of axis ya is Shape(source)[ya] at run time
@@ -1077,6 +1133,8 @@ class GroupNormalizationRule(ChannelRule):
             return
         if axis != 1:
             raise Barrier(f"GroupNormalization normalises over axis {axis}")
+        if y.shape is None:
+            raise Barrier("output shape unknown (ONNX shape inference does not type GroupNormalization)")
         g = int(node.attrs.get("num_groups", 0))
         c = ctx.axis_size(x, 1)
         if c is None or g < 1 or c % g:

@@ -9,7 +9,7 @@ Imports only numpy and numba.
 from . import reference
 from .config import COLD_START_NOTE
 from .conv import QConvParams, prepare_qconv, qlinear_conv, run_qconv
-from .eltwise import clamp, qlinear_add, qlinear_mul
+from .eltwise import QBinaryParams, clamp, prepare_qbinary, qlinear_add, qlinear_mul, run_qbinary
 from .lut import lookup
 from .gemm import QGemmParams, prepare_qgemm, qgemm, qlinear_matmul, run_qgemm
 from .pool import average_pool, global_average_pool, max_pool
@@ -19,5 +19,5 @@ __all__ = [
     "COLD_START_NOTE", "QConvParams", "QGemmParams", "average_pool", "clamp", "dequantize_linear",
     "global_average_pool", "lookup", "max_pool", "prepare_qconv", "prepare_qgemm", "qgemm", "qlinear_add",
     "qlinear_conv", "qlinear_matmul", "qlinear_mul", "quantize_linear", "reference", "requantize",
-    "run_qconv", "run_qgemm",
+    "run_qconv", "run_qgemm", "QBinaryParams", "prepare_qbinary", "run_qbinary",
 ]

@@ -25,7 +25,7 @@ All parallelise with ``prange`` over output rows ``(n, oh)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import prange
@@ -128,9 +128,40 @@ def _conv_depthwise_f32_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo,
     zf = np.float32(x_zp)
     c16 = c_n - c_n % 16
     row = ow_n * c_n
+    full = c16 == c_n and ((kh_n == 3 and kw_n == 3) or (kh_n == 5 and kw_n == 5))
     for r in prange(n_b * oh_n):
         n = r // oh_n
         oh = r % oh_n
+        ih0 = oh * sh - pt
+        if full and ih0 >= 0 and ih0 + (kh_n - 1) * dh < h:
+            # interior row: pixels whose taps are all inside run with register accumulators
+            ob = (n * oh_n + oh) * row
+            for ow in range(ow_n):
+                iw0 = ow * sw - pl
+                if iw0 >= 0 and iw0 + (kw_n - 1) * dw < w:
+                    xb = ((n * h + ih0) * w + iw0) * c_n
+                    for cb in range(0, c_n, 16):
+                        if kh_n == 3:
+                            mk.dw3x3_16(x, xb + cb, w * c_n * dh, c_n * dw, wf, cb, c_n, zf, bias, mult, cb, y_zp,
+                                        lo, hi, out, ob + ow * c_n + cb)
+                        else:
+                            mk.dw5x5_16(x, xb + cb, w * c_n * dh, c_n * dw, wf, cb, c_n, zf, bias, mult, cb, y_zp,
+                                        lo, hi, out, ob + ow * c_n + cb)
+                else:
+                    acc = np.zeros(c_n, np.float32)
+                    for kh in range(kh_n):
+                        ih = ih0 + kh * dh
+                        for kw in range(kw_n):
+                            iw = iw0 + kw * dw
+                            if iw < 0 or iw >= w:
+                                continue
+                            xb = ((n * h + ih) * w + iw) * c_n
+                            wb = (kh * kw_n + kw) * c_n
+                            for cb in range(0, c_n, 16):
+                                mk.dw_fma16(acc, cb, x, xb + cb, wf, wb + cb, zf)
+                    for cb in range(0, c_n, 16):
+                        mk.requant16(acc, cb, bias, cb, mult, y_zp, lo, hi, out, ob + ow * c_n + cb)
+            continue
         acc = np.zeros(row, np.float32)
         for kh in range(kh_n):
             ih = oh * sh - pt + kh * dh
@@ -180,6 +211,8 @@ class QConvParams:
     group: int
     fast: igemm.IGemmPack | None = None  # packed operands of the VNNI/AVX2 kernel, when chosen
     dw_f32: np.ndarray | None = None  # depthwise: ``packed_w`` flat as float32 (exact integers)
+    #: per input shape: (output shape, path, kernel arguments) -- filled by ``run_qconv``
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def isa(self) -> str:
@@ -261,26 +294,57 @@ def prepare_qconv(
                        y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32)
 
 
-def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None, *,
-              scratch: np.ndarray | None = None) -> np.ndarray:
-    """Run a packed convolution on an NHWC activation; returns (or fills) the NHWC output.
-
-    ``scratch``: an optional buffer for the strided input of a strided 1x1 convolution (shape
-    ``x[:, ::s_h, ::s_w, :].shape``, x's dtype), so that repeated calls allocate nothing."""
+def _plan(params: QConvParams, x: np.ndarray) -> tuple:
+    """Validate ``x``'s dtype and shape once per input shape and precompute the kernel arguments."""
     check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
     if x.shape[3] != params.in_channels:
         raise ValueError(f"x must have {params.in_channels} channels (NHWC axis 3), got shape {x.shape}")
     shape = params.output_shape_nhwc(x.shape)
     if shape[1] < 1 or shape[2] < 1:
         raise ValueError(f"x of shape {x.shape} is too small for the kernel/padding (output {shape})")
-    y = check_out("out", out, shape, params.y_dtype)
-    x = np.ascontiguousarray(x)
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]
     dh, dw = params.dilations
     if params.fast is not None:
-        igemm.run(params.fast, x, y, params.strides, params.pads, params.dilations)
-    elif params.kind == "gemm":
+        return shape, "fast", igemm.plan(params.fast, x.shape, shape, params.strides, params.pads, params.dilations)
+    if params.kind == "depthwise" and params.packed_w.shape[2] == params.in_channels and \
+            params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
+        dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], shape[1], shape[2]], np.int64)
+        geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
+        return shape, "dw_f32", (dims, geo)
+    return shape, params.kind, None
+
+
+def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None, *,
+              scratch: np.ndarray | None = None) -> np.ndarray:
+    """Run a packed convolution on an NHWC activation; returns (or fills) the NHWC output.
+
+    The input is validated (and the kernel arguments derived) once per input shape; later calls
+    with that shape check only the dtype. ``scratch``: an optional buffer for the strided input of
+    a strided 1x1 convolution on the generic path (shape ``x[:, ::s_h, ::s_w, :].shape``, x's
+    dtype), so that repeated calls allocate nothing."""
+    if not isinstance(x, np.ndarray) or x.dtype != params.x_dtype:
+        check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
+    plan = params.plans.get(x.shape)
+    if plan is None:
+        plan = params.plans[x.shape] = _plan(params, x)
+    shape, path, extra = plan
+    if out is None or out.shape != shape or out.dtype != params.y_dtype or not out.flags.c_contiguous:
+        y = check_out("out", out, shape, params.y_dtype)
+    else:
+        y = out
+    x = np.ascontiguousarray(x)
+    if path == "fast":
+        igemm.execute(params.fast, extra, x, y)
+        return y
+    if path == "dw_f32":
+        _conv_depthwise_f32_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
+                                   params.y_zp, params.lo, params.hi, extra[0], extra[1], y.reshape(-1))
+        return y
+    sh, sw = params.strides
+    pt, pl = params.pads[0], params.pads[1]
+    dh, dw = params.dilations
+    if path == "gemm":
         if (sh, sw) == (1, 1):
             xs = x
         elif scratch is not None:
@@ -291,14 +355,7 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
         _qgemm_kernel(xs.reshape(-1, params.in_channels), params.x_zp, params.packed_w, params.bias,
                       params.multiplier, params.y_zp, params.lo, params.hi,
                       y.view(np.uint8).reshape(-1, params.out_channels))
-    elif params.kind == "depthwise" and params.packed_w.shape[2] == params.in_channels and \
-            params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
-        oh_n, ow_n = shape[1], shape[2]
-        dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], oh_n, ow_n], np.int64)
-        geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
-        _conv_depthwise_f32_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
-                                   params.y_zp, params.lo, params.hi, dims, geo, y.reshape(-1))
-    elif params.kind == "depthwise":
+    elif path == "depthwise":
         _conv_depthwise_kernel(x, params.x_zp, params.packed_w, params.bias, params.multiplier, params.y_zp,
                                params.lo, params.hi, sh, sw, pt, pl, dh, dw, y.view(np.uint8))
     else:

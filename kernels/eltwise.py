@@ -13,10 +13,12 @@ common residual Add has equal shapes and copies nothing). Any layout: element-wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import prange
 
-from ._common import check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
+from ._common import QTYPES, check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
 from . import microkernel as mk
 from .config import jit_parallel
 
@@ -55,30 +57,76 @@ def _clamp_kernel(q, lo, hi, out):
         out[i] = v
 
 
-def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out=None):
-    check_array("a", a)
-    check_array("b", b)
-    for name, q, zp in (("a_zero_point", a, a_zp), ("b_zero_point", b, b_zp)):
-        if np.asarray(zp).dtype != q.dtype:
-            raise TypeError(f"{name} dtype {np.asarray(zp).dtype} differs from its tensor's dtype {q.dtype}")
+@dataclass(frozen=True)
+class QBinaryParams:
+    """The constant operands of a QLinearAdd / QLinearMul, validated once (``prepare_qbinary``)."""
+
+    op: int  # 0 add, 1 multiply
+    a_dtype: np.dtype
+    b_dtype: np.dtype
+    sa: np.float32
+    za: int
+    sb: np.float32
+    zb: int
+    sy: np.float32
+    zy: int
+    y_dtype: np.dtype
+    lo: int
+    hi: int
+
+
+def prepare_qbinary(op: str, a_dtype, a_scale, a_zp, b_dtype, b_scale, b_zp, y_scale, y_zp, out_range=None):
+    """Validate the scales/zero points of ``Q(DQ(a) op DQ(b))`` once; ``op`` is "add" or "mul"."""
+    if op not in ("add", "mul"):
+        raise ValueError(f"op must be 'add' or 'mul', got {op!r}")
+    dts = []
+    for name, dt, zp in (("a", a_dtype, a_zp), ("b", b_dtype, b_zp)):
+        dt = np.dtype(dt)
+        if dt not in QTYPES:
+            raise TypeError(f"{name} must have dtype uint8 or int8, got {dt}")
+        if np.asarray(zp).dtype != dt:
+            raise TypeError(f"{name}_zero_point dtype {np.asarray(zp).dtype} differs from its tensor's dtype {dt}")
+        dts.append(dt)
     za = check_zero_point("a_zero_point", a_zp)
     zb = check_zero_point("b_zero_point", b_zp)
     zy = check_zero_point("y_zero_point", y_zp)
     sa = check_scale("a_scale", a_scale)
     sb = check_scale("b_scale", b_scale)
     sy = check_scale("y_scale", y_scale)
-    try:
-        shape = np.broadcast_shapes(a.shape, b.shape)
-    except ValueError as exc:
-        raise ValueError(f"a {a.shape} and b {b.shape} do not broadcast") from exc
-    af = np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(-1)
-    bf = np.ascontiguousarray(np.broadcast_to(b, shape)).reshape(-1)
     dtype = np.asarray(y_zp).dtype
     lo, hi = check_out_range(out_range, dtype)
-    out = check_out("out", out, shape, dtype)
-    _qdq_binary_kernel(op, af, sa[0], int(za[0]), bf, sb[0], int(zb[0]), sy[0], int(zy[0]), lo, hi,
-                       out.view(np.uint8).reshape(-1))
+    return QBinaryParams(_ADD if op == "add" else _MUL, dts[0], dts[1], sa[0], int(za[0]), sb[0], int(zb[0]), sy[0],
+                         int(zy[0]), dtype, lo, hi)
+
+
+def run_qbinary(params: QBinaryParams, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Run a prepared QLinearAdd/Mul (NumPy broadcasting; equal C-contiguous shapes copy nothing)."""
+    if not isinstance(a, np.ndarray) or a.dtype != params.a_dtype:
+        check_array("a", a, dtypes=(params.a_dtype,))
+    if not isinstance(b, np.ndarray) or b.dtype != params.b_dtype:
+        check_array("b", b, dtypes=(params.b_dtype,))
+    if a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous:
+        shape, af, bf = a.shape, a.reshape(-1), b.reshape(-1)
+    else:
+        try:
+            shape = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError as exc:
+            raise ValueError(f"a {a.shape} and b {b.shape} do not broadcast") from exc
+        af = np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(-1)
+        bf = np.ascontiguousarray(np.broadcast_to(b, shape)).reshape(-1)
+    if out is None or out.shape != shape or out.dtype != params.y_dtype or not out.flags.c_contiguous:
+        out = check_out("out", out, shape, params.y_dtype)
+    _qdq_binary_kernel(params.op, af, params.sa, params.za, bf, params.sb, params.zb, params.sy, params.zy,
+                       params.lo, params.hi, out.view(np.uint8).reshape(-1))
     return out
+
+
+def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out=None):
+    check_array("a", a)
+    check_array("b", b)
+    params = prepare_qbinary("add" if op == _ADD else "mul", a.dtype, a_scale, a_zp, b.dtype, b_scale, b_zp,
+                             y_scale, y_zp, out_range)
+    return run_qbinary(params, a, b, out)
 
 
 def qlinear_add(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, *, out_range=None, out=None) -> np.ndarray:

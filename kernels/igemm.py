@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -78,13 +77,14 @@ def pack_weights(wk: np.ndarray, bias: np.ndarray, zxu: int, mult: np.ndarray):
     return packed, b64.astype(np.int32), mp  # astype wraps modulo 2**32
 
 
-def task_split(rows: int, panels: int, groups: int, isa: int, threads: int = 2) -> tuple[int, int]:
-    """``(rt_per, pg_per)``: row tiles and panels per task, so tasks are cache-sized and numerous."""
+def task_split(rows: int, panels: int, groups: int, isa: int, want: int = 8) -> tuple[int, int]:
+    """``(rt_per, pg_per)``: row tiles and panels per task, so that tasks are cache-sized (at most 96
+    rows) and, when rows are few (7x7 maps), columns are split too until there are about ``want``
+    tasks (enough for 2-4 threads; independent of the thread count, so plans can be reused)."""
     mr, nv = mk.MR[isa], mk.NV[isa]
     n_rt = -(-rows // mr)
     rt_per = max(1, min(n_rt, 96 // mr))
     n_rb = -(-n_rt // rt_per)
-    want = 4 * threads
     pg_per = panels
     if groups * n_rb < want:
         n_pg = -(-panels // nv)
@@ -211,21 +211,32 @@ def pack(isa: int, w: np.ndarray, bias: np.ndarray, mult: np.ndarray, x_dtype, x
     return IGemmPack(isa, packed, bias_p, mult_p, flip, zfill, (kh, kw), cg, mg, int(y_zp), int(lo), int(hi))
 
 
-def run(p: IGemmPack, x: np.ndarray, out: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> None:
-    """Convolve the NHWC ``x`` (uint8/int8, C-contiguous) into the NHWC ``out`` (uint8/int8,
-    C-contiguous, shape already checked by the caller) with ``p``'s requantization."""
-    n, h, w, c = x.shape
-    _, oh, ow, m_n = out.shape
-    if out.size == 0:
-        return
+def plan(p: IGemmPack, x_shape, out_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> tuple:
+    """The kernel arguments that depend on the input shape (computed once per shape)."""
+    n, h, w, c = x_shape
+    _, oh, ow, _ = out_shape
     kh, kw = p.kernel_shape
-    xu = x.view(np.uint8)
-    if p.flip:
-        xu = np.bitwise_xor(xu, np.uint8(p.flip))
     direct = (kh == kw == 1 and tuple(strides) == (1, 1) and not any(pads) and p.groups == 1 and c % 4 == 0)
     g, pn, k4 = p.packed.shape[:3]
     dims = np.array([n, h, w, c, oh, ow, g, p.cg, p.mg, pn, k4], np.int64)
     geo = np.array([kh, kw, strides[0], strides[1], pads[0], pads[1], dilations[0], dilations[1]], np.int64)
-    rt_per, pg_per = task_split(n * oh * ow, pn, g, p.isa, numba.get_num_threads())
+    rt_per, pg_per = task_split(n * oh * ow, pn, g, p.isa)
+    return dims, geo, direct, rt_per, pg_per, n * oh * ow == 0
+
+
+def execute(p: IGemmPack, args: tuple, x: np.ndarray, out: np.ndarray) -> None:
+    """Run ``_igemm_kernel`` with a ``plan`` on the C-contiguous NHWC ``x`` into the C-contiguous ``out``."""
+    dims, geo, direct, rt_per, pg_per, empty = args
+    if empty:
+        return
+    xu = x.view(np.uint8)
+    if p.flip:
+        xu = np.bitwise_xor(xu, np.uint8(p.flip))
     _igemm_kernel(xu.reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1),
                   p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
+
+
+def run(p: IGemmPack, x: np.ndarray, out: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> None:
+    """Convolve the NHWC ``x`` (uint8/int8, C-contiguous) into the NHWC ``out`` (uint8/int8,
+    C-contiguous, shape already checked by the caller) with ``p``'s requantization."""
+    execute(p, plan(p, x.shape, out.shape, strides, pads, dilations), x, out)

@@ -394,3 +394,57 @@ def qdq_binary16(typingctx, op, a, b, off, sa, za, sb, zb, sy, zy, lo, hi, out):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _make_dw_full(kh_n: int, kw_n: int):
+    """An intrinsic for one output pixel x 16 channels of a ``kh_n x kw_n`` depthwise convolution
+    whose taps all lie inside the input: the accumulator stays in a register over the taps."""
+
+    @intrinsic
+    def dw_full(typingctx, x, xb, rs, cs, w, wb, wstride, zf, bias, mult, cb, zp, lo, hi, out, ob):
+        """``x`` bytes of tap (0, 0) at ``xb``, tap (i, j) at ``xb + i*rs + j*cs``; weights of tap t at
+        ``w[wb + t*wstride : +16]``; bias/mult at ``cb``; 16 output bytes at ``ob``."""
+        sig = types.void(x, xb, rs, cs, w, wb, wstride, zf, bias, mult, cb, zp, lo, hi, out, ob)
+        signed = x.dtype == types.int8
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+
+            def i64(i):
+                return context.cast(builder, args[i], t[i], types.int64)
+
+            xb, rs, cs, wb, wst = i64(1), i64(2), i64(3), i64(5), i64(6)
+            zf_v = _splat(builder, context.cast(builder, args[7], t[7], types.float32), _VF)
+            acc = None
+            for i in range(kh_n):
+                for j in range(kw_n):
+                    xo = builder.add(xb, builder.add(builder.mul(rs, ir.Constant(_I64, i)),
+                                                     builder.mul(cs, ir.Constant(_I64, j))))
+                    wo = builder.add(wb, builder.mul(wst, ir.Constant(_I64, i * kw_n + j)))
+                    xv = builder.load(_elem_ptr(context, builder, t[0], args[0], xo, _VB), align=1)
+                    xi = builder.sext(xv, _VI) if signed else builder.zext(xv, _VI)
+                    wv = builder.load(_elem_ptr(context, builder, t[4], args[4], wo, _VF), align=4)
+                    prod = builder.fmul(builder.fsub(builder.sitofp(xi, _VF), zf_v), wv)
+                    acc = prod if acc is None else builder.fadd(acc, prod)
+            cb, zp, lo, hi, ob = i64(10), i64(11), i64(12), i64(13), i64(15)
+            a32 = builder.add(builder.fptosi(acc, _VI),
+                              builder.load(_elem_ptr(context, builder, t[8], args[8], cb, _VI), align=4))
+            v = builder.fmul(builder.sitofp(a32, _VF),
+                             builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VF), align=4))
+            lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
+            hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
+            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+            rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+            q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI),
+                            _splat(builder, builder.trunc(zp, _I32), _VI))
+            builder.store(builder.trunc(q, _VB), _elem_ptr(context, builder, t[14], args[14], ob, _VB), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dw_full
+
+
+dw3x3_16 = _make_dw_full(3, 3)
+dw5x5_16 = _make_dw_full(5, 5)

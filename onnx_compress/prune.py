@@ -300,7 +300,8 @@ def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: 
 
     probe = with_outputs(model, list(names))
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # requested outputs survive
+    # graph outputs survive every level; ALL (NCHWc conv kernels) is ~1.4x faster than BASIC here
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
@@ -353,24 +354,20 @@ def _refit_on_pruned(dg, working, original, calib, fits, *, ridge: float, rows_p
     """Round 2: the pruned model's layer inputs against the original layers' outputs.
 
     Round 1 fits each layer on the original activations; the refitted layers before it still
-    leave a residual error, which this round (one joint pass) lets every layer compensate.
+    leave a residual error, which this round (one joint pass) lets every layer compensate. Both
+    models are asked for the same tensors (the layers' inputs); the original outputs ``W x + b``
+    are formed from the original inputs at the sampled positions only (cheaper than asking ONNX
+    Runtime for whole output maps, which also blocks its Conv fusions).
     """
     pruned = _export(dg, original)
     fresh = [second_round(f) for f in fits]
-    targets = []
-    for f in fits:  # a MatMul's target includes its Add's bias
-        out = f.node.outputs[0].name
-        targets.append((out, f.bias if f.kind == "matmul" and f.intercept else 0.0))
-    x_names = list(dict.fromkeys(f.input_name for f in fresh))
-    y_names = list(dict.fromkeys(t for t, _ in targets))
+    for f in fits:
+        f.drop_statistics()
+    names = list(dict.fromkeys(f.input_name for f in fits))
     rng_a = np.random.default_rng(seed + 1)
-    for (ys, _), (xs, _) in zip(_stream(working, calib, y_names), _stream(pruned, calib, x_names)):
-        for f, old, (out, bias) in zip(fresh, fits, targets):
-            axis = 1 if f.kind == "conv" else ys[out].ndim - 1
-            y = np.compress(old.out_keep, ys[out], axis=axis)
-            if not np.isscalar(bias):
-                y = y + bias[old.out_keep].astype(y.dtype)
-            f.update_pair(xs[f.input_name], y, rows_per_sample=rows_per_sample, rng=rng_a)
+    for (xo, _), (xp, _) in zip(_stream(working, calib, names), _stream(pruned, calib, names)):
+        for f, old in zip(fresh, fits):
+            f.update_pair(xp[f.input_name], xo[old.input_name], old, rows_per_sample=rows_per_sample, rng=rng_a)
     for f in fresh:
         w, b = f.solve(ridge)
         write_fit(dg.graph, f, w, b)

@@ -335,10 +335,10 @@ def _pow2_above(value: float) -> float:
 def bin_counts(values: np.ndarray, scale: float, bins: int) -> np.ndarray:
     """Counts of ``floor(x * scale) + bins/2`` over ``bins`` bins: the histogram update.
 
-    The caller guarantees that ``scale`` is a power of two and that ``|x| * scale < bins/2`` for
-    every (finite) value, so ``x * scale`` is exact in the input's own float type (float32 stays
-    float32; other dtypes are widened to float64) and its floor is an integer ``k`` in
-    ``[-bins/2, bins/2)``. The integer is read from the float's bits instead of a float->int cast:
+    The caller guarantees that ``scale`` is a power of two and that ``-bins/2 <= x * scale <
+    bins/2`` for every value (all finite), so ``x * scale`` is exact in the input's own float type
+    (float32 stays float32; other dtypes are widened to float64; only a subnormal ``x`` scaled
+    down can round) and its floor is an integer ``k`` in ``[-bins/2, bins/2)``. The integer is read from the float's bits instead of a float->int cast:
     ``k + bins/2 + 2**m`` (``m`` = 23 for float32, 52 for float64) is an integer in
     ``[2**m, 2**m + bins)``, exact in that type, whose mantissa field *is* ``k + bins/2``.
     Equal, bin for bin, to ``np.bincount((np.floor(x * scale) + bins/2).astype(int))``; computed

@@ -476,7 +476,8 @@ def _gemm_step(node, xq, xp, w, bias, yp, rng, out):
 
 
 def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
-    kernel = K.qlinear_add if node.op_type == "Add" else K.qlinear_mul
+    params = K.prepare_qbinary("add" if node.op_type == "Add" else "mul", ap.zp.dtype, ap.scale, ap.zp, bp.zp.dtype,
+                               bp.scale, bp.zp, yp.scale, yp.zp, out_range=rng)
     bufs = Buffers()
 
     def fn(env):
@@ -486,7 +487,7 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
         else:
             a, b, layout = va.nchw(bufs, "a"), vb.nchw(bufs, "b"), "plain"
         y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
-        env[out] = QValue(kernel(a, ap.scale, ap.zp, b, bp.scale, bp.zp, yp.scale, yp.zp, out_range=rng, out=y), layout)
+        env[out] = QValue(K.run_qbinary(params, a, b, out=y), layout)
 
     return Step(node.name, fn, "kernel", bufs)
 

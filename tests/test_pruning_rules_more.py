@@ -322,7 +322,7 @@ def test_groupnormalization_21_per_channel_scale():
     assert np.array_equal(constants(pruned)["gamma"], gamma[ch])  # per channel, whole groups
     # without value_info the GroupNormalization output has no shape: frozen, never guessed
     group = group_of(list_groups(groupnorm_model(21)), "w1", 0)
-    assert group.frozen and any("GroupNormalization node 'gn'" in r for r in group.reasons)
+    assert group.frozen and any("GroupNormalization node 'gn': output shape unknown" in r for r in group.reasons), group.reasons
 
 
 def test_groupnormalization_18_per_group_scale():
@@ -549,17 +549,26 @@ def test_gqa_removes_whole_kv_groups_with_their_query_heads(repeat, ratio, kept)
     assert np.abs(got - expect).max() <= REL_TOL * float(expect.max() - expect.min())
 
 
-def test_gqa_with_run_time_sequence_length_is_frozen_with_reason():
-    """With a dynamic sequence length the repeat's Reshape tail is not static: the heads group is
-    frozen (and the report says which node), never guessed."""
+def test_gqa_with_run_time_batch_and_sequence_length():
+    """Dynamic batch and sequence: ``repeat_interleave`` (Tile) reshapes ``[b, G, r, s, D] ->
+    [b, H, s, D]`` where ``s`` is the same symbol on both sides, so it cancels and the heads prune;
+    ``expand`` leaves the repeat's shape to run time (``[unk, G, unk, unk, D]``): frozen, with the
+    node that froze it, weights untouched."""
     model = export(GQA("interleave"), (2, 5, D), dynamic={0: "b", 1: "s"})
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((b, s, D)).astype(np.float32)} for b, s in ((1, 3), (2, 7))]
+    pruned, report = check(model, 0.5, feeds=feeds)
+    heads = [g for g in report.groups if not g.frozen]
+    assert len(heads) == 1 and heads[0].channels == G and heads[0].kept == 2
+    model = export(GQA("expand"), (2, 5, D), dynamic={0: "b", 1: "s"})
     pruned, report = prune(model, 0.5)
     assert not report.plan
     names = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
-    for proj in "qkv":
-        heads = group_of(report.groups, names[f"/{proj}/MatMul"], 1)
-        assert heads.frozen and any("Reshape node" in r and "not static" in r for r in heads.reasons), heads.reasons
-    assert constants(pruned) .keys() == constants(model).keys()
+    for proj in "kv":
+        group = group_of(report.groups, names[f"/{proj}/MatMul"], 1)
+        assert group.frozen and any("Expand node" in r and "computed at run time" in r for r in group.reasons)
+    heads = group_of(report.groups, names["/q/MatMul"], 1)
+    assert heads.frozen and any("Reshape node" in r and "not static" in r for r in heads.reasons), heads.reasons
     assert all(np.array_equal(constants(pruned)[k], v) for k, v in constants(model).items())
 
 
