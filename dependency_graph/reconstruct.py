@@ -134,27 +134,6 @@ def _positions(x: np.ndarray, kind: str, geometry) -> int:
     return oh * ow
 
 
-def spd_solve(a: np.ndarray, b: np.ndarray, block: int = 256) -> np.ndarray:
-    """``a^{-1} b`` for a symmetric positive definite ``a``: Cholesky ``a = L L^T``, then two blocked
-    triangular solves (numpy has no ``trsm``: each diagonal block is solved directly, the rest are
-    matrix products). Half the factorisation work of LU; falls back to LU if ``a`` is not PD."""
-    try:
-        low = np.linalg.cholesky(a)
-    except np.linalg.LinAlgError:
-        return np.linalg.solve(a, b)
-    n = a.shape[0]
-    starts = list(range(0, n, block))
-    z = np.empty_like(b, dtype=np.float64)
-    for s in starts:
-        e = min(n, s + block)
-        z[s:e] = np.linalg.solve(low[s:e, s:e], b[s:e] - low[s:e, :s] @ z[:s])
-    out = np.empty_like(z)
-    for s in reversed(starts):
-        e = min(n, s + block)
-        out[s:e] = np.linalg.solve(low[s:e, s:e].T, z[s:e] - low[e:, s:e].T @ out[e:])
-    return out
-
-
 @dataclass
 class LayerFit:
     """Streaming least-squares refit of one consumer node (see the module docstring).
@@ -287,7 +266,7 @@ class LayerFit:
             r = exy + np.outer(mx, sy) + np.outer(sx, my) + np.outer(sx, sy)
         lam = ridge * max(float(np.trace(s)) / max(k, 1), 1e-12)
         s[np.diag_indices(k)] += lam
-        a = spd_solve(s, r)  # [K, C']
+        a = np.linalg.solve(s, r)  # [K, C'] (numpy's Cholesky + blocked triangular solves measured no faster)
         if self.intercept:
             b = (my + sy) + self.bias[self.out_keep] - (mx + sx) @ a
         else:

@@ -339,7 +339,8 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
         return y
     if path == "dw_f32":
         _conv_depthwise_f32_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
-                                   params.y_zp, params.lo, params.hi, extra[0], extra[1], y.reshape(-1))
+                                   params.y_zp, params.lo, params.hi, extra[0], extra[1],
+                                   y.view(np.uint8).reshape(-1))
         return y
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]

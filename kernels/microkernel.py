@@ -415,7 +415,7 @@ def _make_dw_full(kh_n: int, kw_n: int):
 
             xb, rs, cs, wb, wst = i64(1), i64(2), i64(3), i64(5), i64(6)
             zf_v = _splat(builder, context.cast(builder, args[7], t[7], types.float32), _VF)
-            acc = None
+            prods = []
             for i in range(kh_n):
                 for j in range(kw_n):
                     xo = builder.add(xb, builder.add(builder.mul(rs, ir.Constant(_I64, i)),
@@ -425,7 +425,11 @@ def _make_dw_full(kh_n: int, kw_n: int):
                     xi = builder.sext(xv, _VI) if signed else builder.zext(xv, _VI)
                     wv = builder.load(_elem_ptr(context, builder, t[4], args[4], wo, _VF), align=4)
                     prod = builder.fmul(builder.fsub(builder.sitofp(xi, _VF), zf_v), wv)
-                    acc = prod if acc is None else builder.fadd(acc, prod)
+                    prods.append(prod)
+            while len(prods) > 1:  # tree sum: short dependency chains (exact in any order, see above)
+                prods = [builder.fadd(prods[k], prods[k + 1]) if k + 1 < len(prods) else prods[k]
+                         for k in range(0, len(prods), 2)]
+            acc = prods[0]
             cb, zp, lo, hi, ob = i64(10), i64(11), i64(12), i64(13), i64(15)
             a32 = builder.add(builder.fptosi(acc, _VI),
                               builder.load(_elem_ptr(context, builder, t[8], args[8], cb, _VI), align=4))

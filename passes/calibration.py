@@ -45,7 +45,9 @@ by the quantizer later):
   normalised; ``Q = 0`` where ``P > 0`` is smoothed by ``eps``). The first bin (the spike of
   exact zeros after ReLU) is set to the count of the second before the search, as
   pytorch-quantization does; otherwise KL favours clipping ReLU outputs hard. ``w'`` is the width of the
-  2048-bin view (adjacent bins of the stored histogram merged exactly when it has more).
+  2048-bin view (adjacent bins of the stored histogram merged exactly when it has more). All
+  candidates are evaluated at once from prefix sums (:func:`kl_divergences`: O(N * groups), no
+  loop over candidates; the per-candidate loop cost ~0.1 s per ResNet-50 tensor).
 - ``mse``: the clip range minimising the expected squared quantization error of the histogram,
   ``E(T) = sum_{|c| <= T} n_c * step^2 / 12 + sum_{|c| > T} n_c (|c| - T)^2`` with bin centres
   ``c`` and ``step = T / levels``; candidates are ``T = alpha * max|x|`` for 200 values of
@@ -54,6 +56,10 @@ by the quantizer later):
 Collection (:func:`collect_statistics`) runs the model in ONNX Runtime with the tensors to
 calibrate added as graph outputs, feeds grouped into batches of ``batch_size`` samples where shapes
 and the model's batch axis allow, and updates the statistics of each batch before the next runs.
+One update per tensor and batch: ``min``/``max`` of the whole array (NaN and inf show there, so
+the finite filter runs only when needed), then :func:`bin_counts` in cache-sized chunks; the
+tensors of a batch are updated by a thread pool (NumPy releases the GIL in its loops), each
+tensor by one task, so statistics do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -805,10 +811,12 @@ __all__ = [
     "ImagePreprocessing",
     "StatisticsCollector",
     "TensorStats",
+    "bin_counts",
     "collect_statistics",
     "compute_range",
     "image_folder_source",
     "iterable_source",
+    "kl_divergences",
     "load_calibration",
     "npz_folder_source",
     "npz_source",

