@@ -105,7 +105,8 @@ Index maps (``C`` = channels, ``g`` = the Conv ``group`` attribute)
   like Gather (torch's ``x[:, [i, j]]`` under the dynamo exporter, between two Transposes).
 * Expand: axes aligned from the right; an axis of equal size on both sides is one to one, its
   constant target entry (unless ``1``) becomes the kept count; a broadcast or created axis is a
-  barrier. Tile: axes repeated once are one to one, tiled axes are barriers.
+  barrier. Tile with ``r`` repeats on an axis of ``C``: ``Y[.., k*C + c] <-> X[.., c]`` (every
+  copy of a channel goes with it; torch's ``repeat``), repeats unchanged.
 * Grouped-query attention (``H = G*r`` query heads, ``G`` key/value groups): torch's
   ``repeat_interleave(r, dim=1)`` exports as ``Unsqueeze -> Tile/Expand [.., G, r, ..] -> Reshape
   [.., G*r, ..]``; with the rules above (Reshape: ``Y[:, h] <-> X[:, h // r]``) and the attention
@@ -1345,7 +1346,8 @@ class ExpandRule(ChannelRule):
 
 
 class TileRule(ChannelRule):
-    """Tile: axes repeated once are one to one; a repeated axis is a barrier."""
+    """Tile: ``Y[.., k*C + c] <-> X[.., c]`` for each of the ``r`` copies (one to one when
+    ``r == 1``); the repeats stay, ``r*C'`` follows from the pruned input."""
 
     def couple(self, ctx, node, tensor, axis):
         x, y = node.inputs[0], node.outputs[0]
@@ -1355,9 +1357,11 @@ class TileRule(ChannelRule):
         if repeats is None:
             raise Barrier("repeats missing")
         rep = int(np.asarray(repeats).reshape(-1)[axis])
-        if rep != 1:
-            raise Barrier(f"axis {axis} is tiled {rep} times")
-        ctx.link(ctx.dim(x, axis), None, ctx.dim(y, axis), None)
+        c, cy = ctx.axis_size(x, axis), ctx.axis_size(y, axis)
+        if c is None or cy != rep * c:
+            raise Barrier(f"sizes of axis {axis} do not match {rep} repeats")
+        iy = np.arange(cy)
+        ctx.link(ctx.dim(y, axis), iy, ctx.dim(x, axis), iy % c)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def _epilogue(builder, accs, mr, nvec, lanes, rows, mult_ptr, n_off, zp, lo, hi,
     lo_v = _splat(builder, lo_f, ft)
     hi_v = _splat(builder, hi_f, ft)
     zp_v = _splat(builder, zp32, it)
+    tmp = cgutils.alloca_once(builder, ir.ArrayType(_I8, lanes))
+    tmp = builder.bitcast(tmp, _I8.as_pointer())
     ys = []
     for i in range(nvec):
         off = builder.mul(builder.add(n_off, ir.Constant(_I64, lanes * i)), ir.Constant(_I64, 4))
@@ -141,11 +143,11 @@ def _epilogue(builder, accs, mr, nvec, lanes, rows, mult_ptr, n_off, zp, lo, hi,
             with builder.if_else(full, likely=True) as (then, otherwise):
                 with then:
                     builder.store(y, builder.bitcast(ptr, bt.as_pointer()), align=1)
-                with otherwise:
-                    for lane in range(lanes):
-                        with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, col + lane), ncols)):
-                            builder.store(builder.extract_element(y, ir.Constant(_I32, lane)),
-                                          builder.gep(ptr, [ir.Constant(_I64, lane)]))
+                with otherwise:  # a partial vector: bounce through the stack, copy the valid bytes
+                    rem = builder.sub(ncols, ir.Constant(_I64, col))
+                    with builder.if_then(builder.icmp_signed(">", rem, ir.Constant(_I64, 0))):
+                        builder.store(y, builder.bitcast(tmp, bt.as_pointer()), align=1)
+                        cgutils.raw_memcpy(builder, ptr, tmp, rem, 1)
 
 
 def _splat(builder, val, vt):

@@ -303,6 +303,7 @@ def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: 
     # graph outputs survive every level; ALL (NCHWc conv kernels) is ~1.4x faster than BASIC here
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # long runs: spinning only burns CPU
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     for feed, n in _batches(calib, batch_size, _batch_axis_free(model)):

@@ -258,6 +258,7 @@ def _local_correction(float_model, qdq_model, targets, feeds, batch_size, progre
     probe = onnx.ModelProto()
     probe.CopyFrom(float_model)
     copied: set[str] = set()
+    made: dict[str, list[str]] = {}  # output -> inputs: layers sharing a quantized input share its twin
 
     def copy_node(node: onnx.NodeProto, suffix: str, inputs: list[str]) -> str:
         for name in inputs:
@@ -265,6 +266,12 @@ def _local_correction(float_model, qdq_model, targets, feeds, batch_size, progre
                 probe.graph.initializer.append(q_inits[name])
                 copied.add(name)
         out = f"{node.output[0]}__{suffix}"
+        while out in made and made[out] != inputs:
+            suffix += "_"
+            out = f"{node.output[0]}__{suffix}"
+        if out in made:
+            return out
+        made[out] = list(inputs)
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
         del clone.input[:]
