@@ -23,14 +23,18 @@ BN itself, so the raw export would leave every Conv float and make ORT look wors
 GPTQ and bias correction, which ORT has no equivalent of, are off. Integer/float kernel counts
 are read from ORT's ``ORT_ENABLE_ALL`` graph afterwards (not timed).
 
-Peak memory is set by the calibration **batch** (``--batch-size``, ``quantize``'s ``batch_size``:
-every quantized activation of a whole batch is an ORT output at once), not by the sample count:
-measured flat over 16/64/256 samples at 2.4-2.5 GB with the default batch 16 and 1.38 GB with
-batch 4. Wall time is dominated by the per-sample histogram updates (ORT's MinMax keeps only
-min/max).
+Peak memory is set by the calibration **batch** (``--batch-size``, default 4 as ``quantize``'s
+``batch_size``: every quantized activation of a whole batch is an ORT output at once), not by the
+sample count: measured flat over 16/64/256 samples at 2.4-2.5 GB with batch 16 and 1.25-1.38 GB
+with batch 4.
+
+Each row reports wall seconds **and CPU seconds** (``getrusage`` user + system, this process's
+threads and children, over the timed call) and the 1-minute load average when it ended: on a
+loaded machine wall time measures the neighbours as much as the tool, so the verdict line gives
+the CPU-seconds ratio next to the wall ratio (the target is on wall time on an idle machine).
 
     python benchmarks/bench_calibration.py [--samples 16 64 256] [--methods entropy percentile]
-        [--batch-size 16] [--cache DIR] [--json OUT] [--strict]
+        [--batch-size 4] [--cache DIR] [--json OUT] [--strict]
 """
 
 from __future__ import annotations

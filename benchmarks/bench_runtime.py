@@ -15,7 +15,9 @@ Contestants (interleaved per repeat so that load drift hits all alike; ``--threa
     * ``ort_fp32``   : ORT on the float export, ``ORT_ENABLE_ALL``, ``intra_op_num_threads=T``
 
 Figures: for batch 1 and 8, medians (and p90) of ``--repeats`` (>= 20) runs after ``--warmup``
-runs; the ratios numba / ort_int8 (target <= 1.3) and numba / ort_fp32 (target <= 0.7).
+runs; the ratios numba / ort_int8 (target <= 1.3) and numba / ort_fp32 (target <= 0.7). Next to
+the wall times, the median process CPU time of one run (``time.process_time``: all threads of
+this process, ORT's pool and Numba's included), which a loaded machine distorts far less.
 
 Cold start: ``load + first batch-1 run`` of the numba back end in a fresh subprocess, once with an
 empty ``NUMBA_CACHE_DIR`` (everything JIT-compiled) and once more with that now-filled cache
@@ -114,15 +116,20 @@ def bench_model(name: str, cache: Path, batches, repeats: int, warmup: int, thre
             for _ in range(warmup):
                 sess.run(None, {"input": x})
         times = {k: [] for k in contestants}
+        cpu = {k: [] for k in contestants}
         for _ in range(repeats):  # interleaved
             for key, sess in contestants.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 sess.run(None, {"input": x})
                 times[key].append((time.perf_counter() - t0) * 1e3)
+                cpu[key].append((time.process_time() - c0) * 1e3)
         med = {k: float(np.median(v)) for k, v in times.items()}
+        med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
         result[f"batch{batch}"] = {
             "median_ms": med,
             "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
+            "median_cpu_ms": med_cpu,
+            "numba_over_ort_int8_cpu": med_cpu["numba"] / med_cpu["ort_int8"],
             "numba_over_ort_int8": med["numba"] / med["ort_int8"],
             "numba_over_ort_fp32": med["numba"] / med["ort_fp32"],
             "ort_int8_over_ort_fp32": med["ort_int8"] / med["ort_fp32"],
@@ -176,13 +183,14 @@ def main(argv=None) -> int:
               "load_average_before": os.getloadavg()[0], "models": {}}
     print(f"threads={args.threads} repeats={args.repeats} warmup={args.warmup} load_avg={os.getloadavg()[0]:.1f}")
     print(f"{'model':14s}{'batch':>6s}{'numba ms':>11s}{'ort_int8 ms':>13s}{'ort_fp32 ms':>13s}"
-          f"{'nb/int8':>9s}{'nb/fp32':>9s}{'int8/fp32':>10s}")
+          f"{'nb/int8':>9s}{'nb/fp32':>9s}{'int8/fp32':>10s}   cpu ms numba/int8/fp32 (nb/int8)")
     for name in args.models:
         res = bench_model(name, args.cache, args.batches, args.repeats, args.warmup, args.threads)
         for key, r in res.items():
-            m = r["median_ms"]
+            m, c = r["median_ms"], r["median_cpu_ms"]
             print(f"{name:14s}{key[5:]:>6s}{m['numba']:11.1f}{m['ort_int8']:13.1f}{m['ort_fp32']:13.1f}"
-                  f"{r['numba_over_ort_int8']:9.2f}{r['numba_over_ort_fp32']:9.2f}{r['ort_int8_over_ort_fp32']:10.2f}",
+                  f"{r['numba_over_ort_int8']:9.2f}{r['numba_over_ort_fp32']:9.2f}{r['ort_int8_over_ort_fp32']:10.2f}"
+                  f"   {c['numba']:.1f}/{c['ort_int8']:.1f}/{c['ort_fp32']:.1f} ({r['numba_over_ort_int8_cpu']:.2f})",
                   flush=True)
         if not args.no_cold:
             res["cold_start"] = cold_start(qdq_model(name, args.cache), args.threads)

@@ -6,21 +6,33 @@ g*Cg + c] - z_x) * (w[m, c, kh, kw] - z_w[m])`` with ``ih = oh*s_h - pad_top + k
 outside the input contribute 0: padding holds the real value 0), then the one float32
 requantization ``clamp(rne(float32(acc) * m[m]), lo - z_y, hi - z_y) + z_y``.
 
-Exact by construction: weights are packed once as ``int16(w - z_w)``; each product is formed in
-int32 and summed into an int32 accumulator (no saturating int16 pair sums). Shapes whose
-worst-case accumulator could overflow int32 are refused.
+Kernels, chosen once at packing time (``prepare_qconv``):
 
-Internal layout: **NHWC** activations (channels innermost, so the innermost loop runs over
-contiguous output channels -- or, for depthwise, contiguous input channels -- and vectorises).
-The wrappers take ``layout="NCHW"`` (ONNX's, transposed in and out) or ``"NHWC"`` (the runtime's,
-no copies). Three kernels, chosen once at packing time:
+* **fast** (``igemm``, the ``microkernel`` tiles): non-depthwise convolutions with s8 weights of
+  zero point 0 (what our quantizer and ORT's ``quantize_static`` produce) on a CPU with
+  AVX512-VNNI (``vpdpbusd``) or AVX2 (``vpmaddubsw``, only when ``|w| <= 64``): im2col (or the
+  NHWC rows directly for 1x1) times weights packed in 16-column panels, the activation zero
+  point folded into the bias (``sum (x - z_x) w = sum x w - z_x colsum(w)``), exact int32
+  accumulation, the requantization fused into the tile. ``params.isa`` says which; ``isa=``
+  forces one. See ``igemm`` for the packing and the exactness argument.
+* **generic** (every other case; the fallback on CPUs without AVX2): weights packed once as
+  ``int16(w - z_w)``, each product formed in int32 and summed into an int32 accumulator (no
+  saturating int16 pair sums), scalar loops that LLVM auto-vectorises. By shape class
+  (``params.kind``): ``gemm`` (1x1, group 1, no padding, any stride: a strided view then the
+  GEMM kernel), ``direct`` (weights ``(group, KH, KW, Cg, Mg)``) and ``depthwise``.
+* **depthwise** (``group == C``, one output channel per input channel, at most
+  ``DW_F32_MAX_TAPS`` taps): accumulated in float32, which is exact because every product
+  ``(x - z_x)(w - z_w)`` is an integer of magnitude <= 255*255 and every partial sum of at most
+  258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
+  3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
+  conversion back to an integer. Channel multipliers > 1 use the generic int32 kernel.
 
-* ``gemm``: 1x1 kernel, group 1, no padding (any stride): a strided view then the GEMM kernel,
-  ``(N*OH*OW, C) @ (C, M)``;
-* ``depthwise``: ``group == C`` (one input channel per group, any channel multiplier);
-* ``direct``: everything else; weights packed ``(group, KH, KW, Cg, Mg)``.
+Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
 
-All parallelise with ``prange`` over output rows ``(n, oh)``.
+Internal layout: **NHWC** activations (channels innermost). The wrappers take ``layout="NCHW"``
+(ONNX's, transposed in and out) or ``"NHWC"`` (the runtime's, no copies). ``run_qconv``
+validates an input shape once and caches the kernel arguments per shape in ``params.plans``.
+All kernels parallelise with ``prange`` (output rows, or ``igemm`` tasks).
 """
 
 from __future__ import annotations

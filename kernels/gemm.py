@@ -8,6 +8,10 @@ Exact by construction: the constant right operand is packed once as ``int16(b - 
 an int32 accumulator -- never a saturating int16 pair sum. The wrapper refuses shapes whose
 worst-case accumulator could overflow int32 (``K * 255 * 255 + max|bias| >= 2**31``).
 
+Fast path: s8 ``b`` with zero points 0 on an AVX512-VNNI / AVX2 CPU runs as a 1x1 convolution of
+``(rows, 1, 1, K)`` on the ``igemm`` tiles (``params.isa``; ``isa=`` forces a path), exact by
+the argument in ``igemm``. Otherwise the generic kernel below.
+
 Layout: ``a`` is ``(..., K)`` row-major; ``b`` is ``(K, N)`` (or ``(N, K)`` with ``trans_b``).
 The kernel parallelises over rows of ``a`` (``prange``) and vectorises over ``N``. ``prepare_qgemm``
 does the packing once (the runtime keeps the result); ``qgemm``/``qlinear_matmul`` are the

@@ -13,8 +13,8 @@ modulo 2**32); the micro-kernel starts its int32 accumulators at ``bias'`` and a
 products with wrap-around. The true accumulator fits int32 (``gemm.check_accumulator``), so the
 wrapped result is exact. Then the one float32 requantization of ``reference``.
 
-int8 activations are flipped to uint8 on the way into ``A`` (``x ^ 0x80 = x + 128``) with
-``z_x + 128`` as their zero point: ``(x + 128) - (z_x + 128) = x - z_x``.
+int8 activations are flipped to uint8 once per call (``x ^ 0x80 = x + 128``, a vectorised NumPy
+pass over the input) with ``z_x + 128`` as their zero point: ``(x + 128) - (z_x + 128) = x - z_x``.
 
 Packing (once, ``pack_weights``): per group, output channels in panels of 16 (the last zero
 padded), K padded to a multiple of 4 with zero weights: ``packed[g, p, kb, j, t] =
@@ -22,10 +22,14 @@ W_g[4*kb + t, 16*p + j]``, int8, shape ``(G, P, K4, 16, 4)``; ``bias'`` padded t
 
 Driver (``_igemm_kernel``, ``prange``): the work is cut into tasks ``(group, row block, panel
 block)``; a task of up to ``rt_per * MR`` rows builds its slice of ``A`` in a private buffer
-(im2col, flip; skipped for the "direct" case -- uint8 1x1 stride-1 unpadded convolutions and
-GEMMs with ``K % 4 == 0``, whose rows are already ``A``), then for each group of up to ``NV``
-panels sweeps its rows ``MR`` at a time: tile, then requantize the tile into the NHWC output.
-Blocks are sized in ``task_split`` so that both threads get work even for 7x7 feature maps.
+(im2col with ``microkernel.copy_bytes``/``fill_bytes``, one copy per kernel row when the KW taps
+are adjacent in memory; skipped in the "direct" case -- 1x1 stride-1 unpadded convolutions and
+GEMMs with ``K % 4 == 0``, whose NHWC rows already are ``A``), then for each group of up to
+``NV`` panels sweeps its rows ``MR`` at a time; each tile requantizes straight into the NHWC
+output. ``task_split`` sizes the blocks so that both threads get work even on 7x7 maps (columns
+are split when rows are few). ``plan``/``execute`` split the per-shape set-up from the call.
+Measured single-threaded here (Cascade Lake, AVX512-VNNI): the 6x64 tile reaches ~240 GMAC/s in
+L1, ResNet-18's 3x3 convolutions 110-160 GMAC/s end to end including im2col.
 
 Eligibility (``choose_isa``): s8 weights with all-zero zero points, a supported ISA, and for AVX2
 ``|w| <= 64`` (see ``microkernel``); otherwise the callers keep their generic exact kernels.

@@ -7,19 +7,31 @@ intrinsics below emit them directly, from the LLVM intrinsics ``llvm.x86.avx512.
 ``llvm.x86.avx2.pmadd.ub.sw`` and ``llvm.x86.avx2.pmadd.wd``, inside a K loop whose
 accumulators are SSA values (phi nodes), so they live in vector registers for the whole loop.
 
-Operands (all byte offsets are int64, arrays are 1-D C-contiguous views)
+Tile intrinsics ``tile_<isa>_<nv>(a, a_off, lda, rows, b, b_off, k4, bias, mult, n_off, zp, lo, hi,
+out, o_off, ldo, ncols)`` (offsets in elements of their array, arrays 1-D C-contiguous views)
     ``a``     uint8 rows of the left operand (activations / im2col rows), row ``r`` of the tile at
-              byte ``a_off + r * lda``, ``4 * k4`` bytes read per row (the caller pads K to a
-              multiple of 4; the padding bytes may hold anything, their weights are 0).
+              ``a_off + r * lda``, ``4 * k4`` bytes read per row (the caller pads K to a multiple
+              of 4; padding bytes may hold anything, their weights are 0). Rows at or past
+              ``rows`` re-read the last valid row and are not stored.
     ``b``     int8 packed weights, one *panel* of 16 output columns at a time, layout
-              ``[k4][16][4]``: bytes ``64*kb + 4*j + t`` hold ``w[4*kb + t, 16*p + j]``; panel ``v``
+              ``[k4][16][4]``: byte ``64*kb + 4*j + t`` holds ``w[4*kb + t, 16*p + j]``; panel ``v``
               of the tile starts at ``b_off + v * 64 * k4``.
-    ``bias``  int32, 16 entries per panel, the tile's first column at element ``n_off``.
-    ``c``     int32 tile output, row-major ``[MR][64]`` (only the first ``16*nv`` columns written).
+    ``bias``  int32 and ``mult`` float32, panel-padded, the tile's first column at ``n_off``.
+    ``out``   bytes; row ``r``, column ``j`` of the tile at ``o_off + r * ldo + j``; only the
+              first ``ncols`` columns are stored (a partial 16-byte vector goes through the stack).
 
-Computed: ``c[r, 16*v + j] = bias[n_off + 16*v + j] + sum_k a[r, k] * b[k, 16*v + j]`` in int32
-with two's-complement wrap-around, for ``r < MR`` (rows at or past ``rows`` re-read the last
-valid row: their results are written to ``c`` but the caller ignores them).
+Computed (``MR`` rows x ``16*nv`` columns; accumulators are loop-carried SSA values, i.e.
+registers: 6 x 4 zmm for VNNI, 4 x 2 ymm for AVX2):
+``acc[r, j] = bias[j] + sum_k a[r, k] * b[k, j]`` in int32 with two's-complement wrap-around,
+then the one requantization of ``reference.requantize_acc``:
+``out[r, j] = clamp(rne(float32(acc) * mult[j]), lo - zp, hi - zp) + zp`` (``sitofp`` and
+``fmul`` round to nearest even, ``llvm.rint`` rounds half to even in the default MXCSR mode,
+no NaN can arise), stored as two's-complement bytes.
+
+Also here: ``copy_bytes``/``fill_bytes`` (``llvm.memcpy``/``memset``: Numba byte loops keep a
+negative-index fix-up per element and do not vectorise), and generic 16-lane vector steps (no x86
+intrinsics, legal on any target) for the depthwise convolution (``dw_fma16``, ``requant16``,
+``dw3x3_16``/``dw5x5_16``) and the element-wise QDQ Add/Mul (``qdq_binary16``).
 
 Exactness
     * ``vpdpbusd`` (VNNI): four u8 x s8 products summed into an int32 lane, *not* saturating
@@ -28,6 +40,7 @@ Exactness
       while ``|a0*b0 + a1*b1| <= 32767``; with ``a <= 255`` that holds for ``|b| <= 64``
       (``2*255*64 = 32640``), which the packer checks before choosing this path. ``vpmaddwd``
       with ones then adds pairs of int16 into int32 exactly.
+    (On VNNI hosts LLVM fuses ``vpmaddwd`` + ``vpaddd`` into ``vpdpwssd``, also non-saturating.)
     The caller folds the activation zero point into ``bias`` and guarantees (``check_accumulator``)
     that the true accumulator fits int32, so the wrapped int32 sum equals it.
 
@@ -258,6 +271,37 @@ tile_vnni_4 = _make_tile(VNNI, MR[VNNI], 4)
 tile_avx2_1 = _make_tile(AVX2, MR[AVX2], 1)
 
 
+def _small_copy(builder, dp, sp, cnt):
+    """Copy ``cnt <= 32`` bytes from ``sp`` to ``dp`` (non-overlapping ranges) without a call."""
+    def two(width):
+        vt = ir.IntType(8 * width) if width <= 8 else _vec(8, width)
+        tail = builder.sub(cnt, ir.Constant(_I64, width))
+        s0 = builder.load(builder.bitcast(sp, vt.as_pointer()), align=1)
+        s1 = builder.load(builder.bitcast(builder.gep(sp, [tail]), vt.as_pointer()), align=1)
+        builder.store(s0, builder.bitcast(dp, vt.as_pointer()), align=1)
+        builder.store(s1, builder.bitcast(builder.gep(dp, [tail]), vt.as_pointer()), align=1)
+
+    ge16 = builder.icmp_signed(">=", cnt, ir.Constant(_I64, 16))
+    with builder.if_else(ge16) as (then16, else16):
+        with then16:
+            two(16)
+        with else16:
+            ge8 = builder.icmp_signed(">=", cnt, ir.Constant(_I64, 8))
+            with builder.if_else(ge8) as (then8, else8):
+                with then8:
+                    two(8)
+                with else8:
+                    ge4 = builder.icmp_signed(">=", cnt, ir.Constant(_I64, 4))
+                    with builder.if_else(ge4) as (then4, else4):
+                        with then4:
+                            two(4)
+                        with else4:
+                            for k in range(3):
+                                with builder.if_then(builder.icmp_signed(">", cnt, ir.Constant(_I64, k))):
+                                    kk = ir.Constant(_I64, k)
+                                    builder.store(builder.load(builder.gep(sp, [kk])), builder.gep(dp, [kk]))
+
+
 @intrinsic
 def copy_bytes(typingctx, dst, dst_off, src, src_off, n):
     """``dst[dst_off : dst_off + n] = src[src_off : src_off + n]`` (byte offsets, ``llvm.memcpy``; the
@@ -270,7 +314,15 @@ def copy_bytes(typingctx, dst, dst_off, src, src_off, n):
         d = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8p)
         s = builder.bitcast(context.make_array(signature.args[2])(context, builder, args[2]).data, i8p)
         do, so, cnt = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3, 4))
-        cgutils.raw_memcpy(builder, builder.gep(d, [do]), builder.gep(s, [so]), cnt, 1)
+        dp, sp = builder.gep(d, [do]), builder.gep(s, [so])
+        # small copies (im2col of few-channel inputs) inline: two overlapping loads/stores of the
+        # largest width w <= n (w in 16, 8, 4), each loaded before either store; n < 4 byte by byte
+        big = builder.icmp_signed(">", cnt, ir.Constant(_I64, 32))
+        with builder.if_else(big) as (then, otherwise):
+            with then:
+                cgutils.raw_memcpy(builder, dp, sp, cnt, 1)
+            with otherwise:
+                _small_copy(builder, dp, sp, cnt)
         return context.get_dummy_value()
 
     return sig, codegen

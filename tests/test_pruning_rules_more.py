@@ -34,12 +34,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-
-from onnx_compress.dependency_graph import apply_mask, apply_plan, build_dependency_graph
+from onnx_compress.dependency_graph import (
+    apply_mask,
+    apply_plan,
+    build_dependency_graph,
+)
 from onnx_compress.ir.graph import to_graph, to_model
+from torch import nn
+
 from onnx_compress.prune import list_groups, masked_reference, prune
 from tests.numerics import assert_parity, run
 
@@ -55,7 +59,7 @@ def export(module: nn.Module, shape, *, dynamo: bool = False, dynamic: dict | No
             try:
                 program = torch.onnx.export(module, (x,), dynamo=True, external_data=False, opset_version=18,
                                             input_names=["x"], output_names=["y"], verbose=False)
-            except Exception as exc:  # the dynamo exporter needs onnxscript; say so instead of failing
+            except Exception as exc:  # noqa: BLE001 - the dynamo exporter needs onnxscript; say so instead of failing
                 pytest.skip(f"dynamo exporter unavailable: {type(exc).__name__}: {str(exc)[:120]}")
             return program.model_proto
         buf = io.BytesIO()
@@ -196,7 +200,7 @@ def test_depth_space_index_maps(op, mode):
     group = group_of(list_groups(model), "w1", 0)
     assert not group.frozen and group.channels == shallow
     x = [{"x": np.random.default_rng(i).standard_normal((1 + i, 3, hw_in, hw_in)).astype(np.float32)} for i in range(2)]
-    pruned, report = check(model, 0.5, feeds=x, round_to=1)
+    pruned, _ = check(model, 0.5, feeds=x, round_to=1)
     w1, w2 = constants(model)["w1"], constants(model)["w2"]
     w1p, w2p = constants(pruned)["w1"], constants(pruned)["w2"]
     if op == "SpaceToDepth":  # the shallow side is c1's output, the deep side c2's input
@@ -222,7 +226,7 @@ def test_depth_to_space_on_a_graph_output_is_frozen():
 
 @pytest.mark.slow
 def test_pixel_shuffle_dynamo():
-    pruned, report = check(export(PixelShuffleNet(), (1, 3, 6, 6), dynamo=True), 0.3)
+    pruned, _ = check(export(PixelShuffleNet(), (1, 3, 6, 6), dynamo=True), 0.3)
     assert constants(pruned)["c1.weight"].shape[0] == 4 * constants(pruned)["c2.weight"].shape[1]
 
 
@@ -267,12 +271,12 @@ def test_torch_groupnorm_removes_whole_groups(dynamic):
     assert not group.frozen and group.channels == 8  # 8 groups of 4 channels
     rng = np.random.default_rng(0)
     x = [{"x": rng.standard_normal((1 + 2 * i if dynamic else 2, 3, 6, 6)).astype(np.float32)} for i in range(2)]
-    pruned, report = check(model, 0.5, feeds=x)
+    pruned, _ = check(model, 0.5, feeds=x)
     w1 = constants(pruned)["c1.weight"]
     kept = kept_blocks(module.c1.weight.detach().numpy(), w1, 4)
     assert len(kept) == 4 and w1.shape[0] == 16
     assert input_value(pruned, "InstanceNormalization", 1).shape == (4,)  # one scale per kept group
-    first = [n for n in pruned.graph.node if n.op_type == "Reshape"][0]
+    first = next(n for n in pruned.graph.node if n.op_type == "Reshape")
     assert list(constants(pruned)[first.input[1]]) == [0, 4, -1]  # [N, G', -1]
     if dynamic:
         assert any(n.op_type == "Shape" for n in pruned.graph.node)  # still read at run time
@@ -285,7 +289,7 @@ def test_torch_groupnorm_removes_whole_groups(dynamic):
 @pytest.mark.slow
 def test_torch_groupnorm_dynamo():
     module = GroupNormNet()
-    pruned, report = check(export(module, (1, 3, 6, 6), dynamo=True), 0.5)
+    pruned, _ = check(export(module, (1, 3, 6, 6), dynamo=True), 0.5)
     assert constants(pruned)["c1.weight"].shape[0] == 16
 
 
@@ -312,7 +316,7 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_groupnormalization_21_per_channel_scale():
     model = with_shapes(groupnorm_model(21))
     onnx.checker.check_model(model, full_check=True)
-    pruned, report = check(model, 0.5, round_to=1)
+    pruned, _ = check(model, 0.5, round_to=1)
     assert attr(pruned, "GroupNormalization", "num_groups") == 2
     w1, gamma = constants(model)["w1"], constants(model)["gamma"]
     kept = kept_blocks(w1, constants(pruned)["w1"], 4)
@@ -350,7 +354,7 @@ def test_groupnormalization_18_per_group_scale():
 
 
 class GatherNet(nn.Module):
-    IDX = [3, 1, 5, 12, 0, 9, 14, 7]
+    IDX = (3, 1, 5, 12, 0, 9, 14, 7)
 
     def __init__(self, how: str):
         super().__init__()
@@ -362,7 +366,7 @@ class GatherNet(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.c1(x))
-        h = h[:, self.IDX] if self.how == "list" else torch.index_select(h, 1, self.idx)
+        h = h[:, list(self.IDX)] if self.how == "list" else torch.index_select(h, 1, self.idx)
         return self.c2(h)
 
 
@@ -471,7 +475,7 @@ def test_gather_nd_from_dynamo_list_indexing():
     module = GatherNet("list")
     model = export(module, (1, 3, 6, 6), dynamo=True)
     assert any(n.op_type == "GatherND" for n in model.graph.node)
-    pruned, report = check(model, 0.5, round_to=1)
+    pruned, _ = check(model, 0.5, round_to=1)
     kept_rows = kept_blocks(module.c1.weight.detach().numpy(), constants(pruned)["c1.weight"], 1)
     idx = input_value(pruned, "GatherND", 1)
     kept_positions = [p for p in range(8) if GatherNet.IDX[p] in kept_rows]
@@ -487,7 +491,7 @@ def test_tile_on_the_channel_axis_removes_every_copy():
              helper.make_node("Conv", ["t", "w2"], ["y"], name="c2")]
     model = graph_model(nodes, [vi("x", ["n", 3, 4, 4])], [vi("y", ["n", 2, 4, 4])],
                         [init("w1", (8, 3, 1, 1), 1), init("b1", (8,), 2), init("w2", (2, 24, 1, 1), 3), reps])
-    pruned, report = check(model, 0.5, round_to=1)
+    pruned, _ = check(model, 0.5, round_to=1)
     w1, w2 = constants(model)["w1"], constants(model)["w2"]
     kept = kept_blocks(w1, constants(pruned)["w1"], 1)
     assert len(kept) == 4
@@ -590,7 +594,7 @@ def test_gqa_with_run_time_batch_and_sequence_length():
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", ["interleave", "expand"])
 def test_gqa_dynamo(repeat):
-    pruned, report = check(export(GQA(repeat), (1, 5, D), dynamo=True), 0.5)
+    _, report = check(export(GQA(repeat), (1, 5, D), dynamo=True), 0.5)
     heads = [g for g in report.groups if not g.frozen]
     assert len(heads) == 1 and heads[0].channels == G and heads[0].kept == 2
 
