@@ -147,11 +147,17 @@ def _igemm_kernel(x, dims, geo, zfill, direct, bp, biasp, multp, y_zp, lo, hi, i
             a = np.empty((r1 - r0) * kp, np.uint8)
             a_base = 0
             lda = kp
+            n = r0 // ohw
+            oh = (r0 % ohw) // ow_n
+            ow = r0 % ow_n - 1
             for rr in range(r0, r1):
-                n = rr // ohw
-                q = rr % ohw
-                oh = q // ow_n
-                ow = q % ow_n
+                ow += 1  # (n, oh, ow) of row rr, stepped without divisions
+                if ow == ow_n:
+                    ow = 0
+                    oh += 1
+                    if oh == oh_n:
+                        oh = 0
+                        n += 1
                 base = (rr - r0) * kp
                 for kh in range(kh_n):
                     ih = oh * sh - pt + kh * dh

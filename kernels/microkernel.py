@@ -302,6 +302,36 @@ def _small_copy(builder, dp, sp, cnt):
                                     builder.store(builder.load(builder.gep(sp, [kk])), builder.gep(dp, [kk]))
 
 
+def _small_fill(builder, dp, val, cnt):
+    """Store ``cnt <= 32`` copies of the byte ``val`` at ``dp`` without a call."""
+    def two(width):
+        vt = _vec(8, width)
+        v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_I32, 0))
+        v = builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_vec(32, width), [0] * width))
+        tail = builder.sub(cnt, ir.Constant(_I64, width))
+        builder.store(v, builder.bitcast(dp, vt.as_pointer()), align=1)
+        builder.store(v, builder.bitcast(builder.gep(dp, [tail]), vt.as_pointer()), align=1)
+
+    with builder.if_else(builder.icmp_signed(">=", cnt, ir.Constant(_I64, 16))) as (then16, else16):
+        with then16:
+            two(16)
+        with else16:
+            with builder.if_else(builder.icmp_signed(">=", cnt, ir.Constant(_I64, 4))) as (then4, else4):
+                with then4:
+                    two(4)
+                    with builder.if_then(builder.icmp_signed(">", cnt, ir.Constant(_I64, 8))):
+                        for k in range(4, 12, 4):  # 9..15 bytes: cover the middle too
+                            vt = _vec(8, 4)
+                            v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(_I32, 0))
+                            v = builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_vec(32, 4), [0] * 4))
+                            builder.store(v, builder.bitcast(builder.gep(dp, [ir.Constant(_I64, k)]), vt.as_pointer()),
+                                          align=1)
+                with else4:
+                    for k in range(3):
+                        with builder.if_then(builder.icmp_signed(">", cnt, ir.Constant(_I64, k))):
+                            builder.store(val, builder.gep(dp, [ir.Constant(_I64, k)]))
+
+
 @intrinsic
 def copy_bytes(typingctx, dst, dst_off, src, src_off, n):
     """``dst[dst_off : dst_off + n] = src[src_off : src_off + n]`` (byte offsets, ``llvm.memcpy``; the
@@ -338,7 +368,12 @@ def fill_bytes(typingctx, dst, dst_off, value, n):
         d = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8p)
         do, cnt = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (1, 3))
         val = builder.trunc(context.cast(builder, args[2], signature.args[2], types.int64), _I8)
-        cgutils.memset(builder, builder.gep(d, [do]), cnt, val)
+        dp = builder.gep(d, [do])
+        with builder.if_else(builder.icmp_signed(">", cnt, ir.Constant(_I64, 32))) as (then, otherwise):
+            with then:
+                cgutils.memset(builder, dp, cnt, val)
+            with otherwise:  # small fills inline: two overlapping stores of the widest fitting splat
+                _small_fill(builder, dp, val, cnt)
         return context.get_dummy_value()
 
     return sig, codegen

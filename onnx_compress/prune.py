@@ -203,15 +203,19 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return to_model(graph, like=model)
 
 
-def _unknown_reshape_dims(model: onnx.ModelProto) -> bool:
-    """Whether some Reshape output has a dimension ONNX shape inference could not name."""
+def _unknown_shapes(model: onnx.ModelProto) -> bool:
+    """Whether some node output has no shape at all (e.g. GroupNormalization-21, which ONNX's
+    inference leaves untyped), or some Reshape output has a dimension it could not name."""
     known = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
     for node in model.graph.node:
+        if node.op_type in ("Constant", "Shape"):
+            continue
+        if any(name and (name not in known or not known[name].type.tensor_type.HasField("shape"))
+               for name in node.output):
+            return True
         if node.op_type != "Reshape":
             continue
-        vi = known.get(node.output[0])
-        if vi is None or not vi.type.tensor_type.HasField("shape"):
-            return True
+        vi = known[node.output[0]]
         if any(not d.HasField("dim_value") and d.dim_param.startswith("unk__") or
                not d.HasField("dim_value") and not d.dim_param for d in vi.type.tensor_type.shape.dim):
             return True
@@ -219,14 +223,14 @@ def _unknown_reshape_dims(model: onnx.ModelProto) -> bool:
 
 
 def _infer_symbolic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's symbolic shape inference when ONNX's left Reshape outputs unknown.
+    """ONNX Runtime's symbolic shape inference when ONNX's inference left outputs unknown.
 
     ``Reshape(x, [batch, seq, -1, 32])`` with batch and seq read from another tensor's Shape (the
     way transformers exports attention) defeats ONNX's inference: it cannot prove that the -1 is
     the head count. The symbolic engine carries ``batch``/``seq`` through and solves it (12 for
     MiniLM), which is what the Reshape channel rule needs; on any failure the model is kept.
     """
-    if not _unknown_reshape_dims(model):
+    if not _unknown_shapes(model):
         return model
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
