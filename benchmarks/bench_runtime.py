@@ -23,8 +23,18 @@ Cold start: ``load + first batch-1 run`` of the numba back end in a fresh subpro
 empty ``NUMBA_CACHE_DIR`` (everything JIT-compiled) and once more with that now-filled cache
 (compiled code loaded from disk); ORT's load + first run of the QDQ model for comparison.
 
+Threads: Numba's ``parallel=True`` kernels run on its OpenMP layer (GNU libgomp here), whose
+threads by default *spin* between parallel regions. On a shared, oversubscribed machine (load
+average 10 on 2 cores) the spinning threads take the cores from the ones with work: measured here,
+MobileNetV2 batch 1 at 2 threads took 580-720 ms (285 ms of CPU) with the default policy and
+38-42 ms (17-18 ms of CPU) with ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once), against 27-50 ms for
+ORT's own pool (which lets the calling thread take the work no worker has started). The script
+therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before any kernel runs (``--omp-wait-policy``;
+``inherit`` keeps the environment); on an idle machine spinning is slightly faster. ORT does not
+use OpenMP, so the setting does not touch the ORT contestants.
+
 Usage: ``python benchmarks/bench_runtime.py [--models resnet18 mobilenet_v2] [--batches 1 8]
-[--repeats 20] [--warmup 3] [--threads 2] [--json out.json]``. Prints a table; the machine's load
+[--repeats 20] [--warmup 3] [--threads 2] [--omp-wait-policy passive] [--json out.json]``. Prints a table; the machine's load
 average is recorded before and after, because on a shared machine absolute milliseconds mean
 little -- quote the ratios of the interleaved runs.
 """
@@ -177,11 +187,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
+                        help="OMP_WAIT_POLICY for Numba's OpenMP threads (set before they start; 'inherit' leaves "
+                             "the environment alone). See the module docstring.")
     args = parser.parse_args(argv)
+    if args.omp_wait_policy != "inherit":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     args.cache.mkdir(parents=True, exist_ok=True)
-    report = {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+    wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    report = {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "omp_wait_policy": wait,
               "load_average_before": os.getloadavg()[0], "models": {}}
-    print(f"threads={args.threads} repeats={args.repeats} warmup={args.warmup} load_avg={os.getloadavg()[0]:.1f}")
+    print(f"threads={args.threads} repeats={args.repeats} warmup={args.warmup} OMP_WAIT_POLICY={wait} "
+          f"load_avg={os.getloadavg()[0]:.1f}")
     print(f"{'model':14s}{'batch':>6s}{'numba ms':>11s}{'ort_int8 ms':>13s}{'ort_fp32 ms':>13s}"
           f"{'nb/int8':>9s}{'nb/fp32':>9s}{'int8/fp32':>10s}   cpu ms numba/int8/fp32 (nb/int8)")
     for name in args.models:

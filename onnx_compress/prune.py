@@ -297,7 +297,13 @@ def _calibration(calib: Any, model: onnx.ModelProto, limit: int | None):
 
 
 def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: int = 16):
-    """Yield ``(outputs by name, samples)`` for each batch of ``calib`` run through ``model``."""
+    """Yield ``(outputs by name, samples)`` for each batch of ``calib`` run through ``model``.
+
+    The next batch runs in ONNX Runtime (a worker thread; ``run`` releases the GIL) while the
+    caller digests the current one, so at most two batches of outputs are alive.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import onnxruntime as ort
 
     from .passes.calibration import _batch_axis_free, _batches, with_outputs
@@ -310,11 +316,18 @@ def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: 
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # long runs: spinning only burns CPU
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
-    for feed, n in _batches(calib, batch_size, _batch_axis_free(model)):
-        missing = [k for k in inputs if k not in feed]
-        if missing:
-            raise ValueError(f"calibration feed lacks input(s) {', '.join(missing)}")
-        yield dict(zip(names, session.run(list(names), {k: feed[k] for k in inputs}))), n
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for feed, n in _batches(calib, batch_size, _batch_axis_free(model)):
+            missing = [k for k in inputs if k not in feed]
+            if missing:
+                raise ValueError(f"calibration feed lacks input(s) {', '.join(missing)}")
+            job = (pool.submit(session.run, list(names), {k: feed[k] for k in inputs}), n)
+            if pending is not None:
+                yield dict(zip(names, pending[0].result())), pending[1]
+            pending = job
+        if pending is not None:
+            yield dict(zip(names, pending[0].result())), pending[1]
 
 
 def _activation_means(dg: DependencyGraph, working: onnx.ModelProto, calib) -> tuple[dict[str, np.ndarray], int]:

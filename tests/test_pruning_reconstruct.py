@@ -10,7 +10,8 @@
   plain pruning does not.
 * im2col agrees with a direct convolution (strides, padding, dilation).
 * Streaming: the statistics are the same whether the calibration data comes as one batch or
-  sample by sample, and their size does not depend on the number of samples.
+  sample by sample, and their size does not depend on the number of samples; the full-Gram
+  form of the statistics and fitting only the kept outputs give the same solution.
 """
 
 from __future__ import annotations
@@ -199,3 +200,45 @@ def test_statistics_are_streamed_and_batching_free():
     scale = np.abs(w1).max()
     np.testing.assert_allclose(w3, w1, atol=1e-4 * scale)
     np.testing.assert_allclose(b3, b1, atol=1e-4 * np.abs(b1).max())
+
+
+def test_full_gram_form_and_kept_outputs_give_the_same_fit():
+    """The Gram of all D features (targets' moments derived at solve time) is the same fit as
+    accumulating the kept features against ``W x``; fitting only the kept outputs gives their rows."""
+    from onnx_compress.dependency_graph.reconstruct import LayerFit
+
+    rng = np.random.default_rng(2)
+    node = type("N", (), {"name": "n", "op": "Conv", "attrs": {}})()
+    w2d = rng.standard_normal((6, 4 * 9))
+    bias = rng.standard_normal(6)
+    keep = np.repeat(np.array([True, False, True, True]), 9)
+    outs = np.array([True, False, True, True, False, True])
+    data = rng.standard_normal((10, 4, 5, 5)).astype(np.float32) + 0.5
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1])
+    fits = {
+        (full, part, icpt): LayerFit(node, "conv", "x", w2d, bias, keep, outs if part else np.ones(6, bool), icpt,
+                                     geometry, np.float64, full_gram=full)
+        for full in (False, True) for part in (False, True) for icpt in (True, False)
+    }
+    for f in fits.values():
+        f.update(data[:4])
+        f.update(data[4:])
+    assert fits[(True, False, True)].xx.shape == (36, 36) and fits[(True, False, True)].xy is None
+    assert fits[(False, False, True)].xx.shape == (27, 27) and fits[(False, False, True)].xy.shape == (27, 6)
+    for icpt in (True, False):
+        w_ref, b_ref = fits[(False, False, icpt)].solve(1e-4)
+        assert w_ref.shape == (6, 27)
+        for full in (False, True):
+            for part in (False, True):
+                w, b = fits[(full, part, icpt)].solve(1e-4)
+                sel = outs if part else np.ones(6, bool)
+                # (the per-row form computes its targets W x in float32: 1e-6 of the scale)
+                np.testing.assert_allclose(w, w_ref[sel], rtol=0, atol=1e-6 * np.abs(w_ref).max())
+                np.testing.assert_allclose(b, b_ref[sel], rtol=0, atol=1e-6 * np.abs(b_ref).max())
+    # auto: a 3x3 conv with few outputs accumulates the kept features; a 1x1 that expands, all of them
+    narrow = rng.standard_normal((16, 64 * 9))  # D = 576, |K| = 405: D^2 > |K|^2 + 2 |K| C + 2 D C
+    assert not LayerFit(node, "conv", "x", narrow, np.zeros(16), np.repeat(np.arange(64) < 45, 9), np.ones(16, bool),
+                        True, geometry).full_gram
+    wide = rng.standard_normal((64, 8))
+    assert LayerFit(node, "conv", "x", wide, np.zeros(64), np.arange(8) < 6, np.ones(64, bool), True,
+                    ([1, 1], [1, 1], [1, 1], [0, 0, 0, 0])).full_gram

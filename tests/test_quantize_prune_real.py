@@ -76,7 +76,7 @@ def test_bias_correction_with_two_layers_reading_one_tensor():
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
-    quantized, report = quantize(model, feeds, bias_correction=True, weight_rounding="nearest", progress=False)
+    _, report = quantize(model, feeds, bias_correction=True, weight_rounding="nearest", progress=False)
     assert report.bias_shifts is not None and {"conv1", "downsample"} <= set(report.bias_shifts)
     assert report.kernels is not None and report.kernels.integer_ops["QLinearConv"] == 3, report.kernels.summary()
 

@@ -100,3 +100,61 @@ def test_patch_layer_rewrites_weight_scale_and_int32_bias():
     np.testing.assert_array_equal(values["bq"], np.round(bias / (x_scale * scale)).astype(np.int32))
     onnx.checker.check_model(model, full_check=True)
     assert not wr._patch_layer(model, "missing", q, scale, bias)
+
+
+def _two_conv_model(rng) -> onnx.ModelProto:
+    w1 = (rng.normal(size=(16, 4, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.normal(size=(8, 16, 1, 1)) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "two_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_sequential_compensation_lowers_the_output_error_on_held_out_data():
+    import onnxruntime as ort
+
+    from onnx_compress.ir.graph import to_graph, to_model
+    from onnx_compress.passes.bias_correction import apply_biases
+    from onnx_compress.passes.calibration import collect_statistics, compute_range
+    from onnx_compress.passes.insert_qdq import InsertQDQPass, QuantConfig, plan_quantization
+
+    rng = np.random.default_rng(3)
+    model = _two_conv_model(rng)
+    config = QuantConfig()
+    calib = [{"x": (rng.normal(size=(4, 4, 12, 12)) + 0.5).astype(np.float32)} for _ in range(8)]
+    held = (rng.normal(size=(16, 4, 12, 12)) + 0.5).astype(np.float32)
+    plan = plan_quantization(to_graph(model), config)
+    stats = collect_statistics(model, calib, plan.quantized, histogram=True, progress=False).stats
+    # inputs clipped at the 95th percentile (a shift the bias column absorbs); the output kept whole
+    ranges = {k: compute_range(s, "percentile", percentile=95.0) for k, s in stats.items()}
+    ranges["y"] = (stats["y"].min, stats["y"].max)
+
+    def insert(weights=None, biases=None):
+        source = apply_biases(model, biases) if biases else model
+        out = to_model(InsertQDQPass(ranges, config, weights=weights).call(to_graph(source)).graph, like=model)
+        del out.graph.value_info[:]
+        return out
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": held})[0]
+
+    plain = insert()
+    weights, biases = wr.sequential_compensation(model, plain, calib, config.weight_qmax_of, progress=False)
+    assert set(weights) == {"conv1", "conv2"} and set(biases) == {"conv1", "conv2"}
+    assert all(int(np.abs(q.astype(np.int16)).max()) <= 63 for q, _ in weights.values())  # 7-bit bound kept
+    compensated = insert(weights, biases)
+    assert sum(n.op_type == "QuantizeLinear" for n in compensated.graph.node) == \
+        sum(n.op_type == "QuantizeLinear" for n in plain.graph.node)
+    reference = run(model)
+    err_plain = float(np.mean((run(plain) - reference) ** 2))
+    err_comp = float(np.mean((run(compensated) - reference) ** 2))
+    assert err_comp < 0.8 * err_plain, (err_comp, err_plain)
+
+    # too few input columns per unknown: every layer left as it was
+    none, _ = wr.sequential_compensation(model, plain, calib[:1], config.weight_qmax_of, min_ratio=1e6, progress=False)
+    assert none == {}
