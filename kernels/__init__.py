@@ -9,9 +9,16 @@ Imports only numpy and numba.
 from . import reference
 from .config import COLD_START_NOTE
 from .conv import QConvParams, prepare_qconv, qlinear_conv, run_qconv
-from .eltwise import QBinaryParams, clamp, prepare_qbinary, qlinear_add, qlinear_mul, run_qbinary
-from .lut import lookup
+from .eltwise import (
+    QBinaryParams,
+    clamp,
+    prepare_qbinary,
+    qlinear_add,
+    qlinear_mul,
+    run_qbinary,
+)
 from .gemm import QGemmParams, prepare_qgemm, qgemm, qlinear_matmul, run_qgemm
+from .lut import lookup
 from .pool import average_pool, global_average_pool, max_pool
 from .quantize import dequantize_linear, quantize_linear, requantize
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import prange
 
+from . import igemm
+from . import microkernel as mk
 from ._common import (
     check_array,
     check_ints,
@@ -55,8 +57,6 @@ from ._common import (
     to_nhwc,
 )
 from .config import jit_parallel
-from . import igemm
-from . import microkernel as mk
 from .gemm import _qgemm_kernel, check_accumulator
 from .reference import output_size, requant_multiplier
 
@@ -236,6 +236,9 @@ class QConvParams:
         return self.bias.shape[0]
 
     def output_shape_nhwc(self, x_shape) -> tuple[int, int, int, int]:
+        plan = self.plans.get(tuple(x_shape))
+        if plan is not None:  # computed (and validated) before for this input shape
+            return plan[0]
         n, h, w, _ = x_shape
         oh = output_size(h, self.kernel_shape[0], self.strides[0], self.pads[0], self.pads[2], self.dilations[0])
         ow = output_size(w, self.kernel_shape[1], self.strides[1], self.pads[1], self.pads[3], self.dilations[1])

@@ -18,8 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
-from ._common import QTYPES, check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
 from . import microkernel as mk
+from ._common import (
+    QTYPES,
+    check_array,
+    check_out,
+    check_out_range,
+    check_scale,
+    check_zero_point,
+    rne_clamped,
+)
 from .config import jit_parallel
 
 _ADD, _MUL = 0, 1

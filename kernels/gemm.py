@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
+from . import igemm
+from . import microkernel as mk
 from ._common import (
     INT32_MAX,
     check_array,
@@ -34,8 +36,6 @@ from ._common import (
     check_zero_point,
     requant,
 )
-from . import igemm
-from . import microkernel as mk
 from .config import jit_parallel
 from .reference import requant_multiplier
 

@@ -43,7 +43,6 @@ import numpy as np
 from numba import prange
 
 from . import microkernel as mk
-from ._common import requant
 from .config import jit_inline, jit_parallel
 
 
@@ -120,7 +119,7 @@ def _igemm_kernel(x, dims, geo, zfill, direct, bp, biasp, multp, y_zp, lo, hi, i
     n_b, h, w, c_n, oh_n, ow_n, g_n, cg, mg, p_n, k4 = (dims[0], dims[1], dims[2], dims[3], dims[4], dims[5],
                                                       dims[6], dims[7], dims[8], dims[9], dims[10])
     kh_n, kw_n, sh, sw, pt, pl, dh, dw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
-    mr = 6 if isa == 2 else 4
+    mr = 6 if isa == 2 else 4  # microkernel.MR / NV (dicts are not Numba constants)
     nvmax = 4 if isa == 2 else 1
     rows = n_b * oh_n * ow_n
     kp = 4 * k4

@@ -54,7 +54,7 @@ Numba caches functions that call these intrinsics like any other (``cache=True``
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from llvmlite import ir
 from numba import types
@@ -78,7 +78,7 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def host_features() -> frozenset:
     """The compile target's CPU features (names without the '+')."""
     from numba.core import config

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from onnx_compress import kernels as K
 from onnx_compress.kernels import igemm
 from onnx_compress.kernels import microkernel as mk
 from onnx_compress.kernels import reference as R
 from onnx_compress.kernels.config import SERIAL_OPTIONS
+
+from onnx_compress import kernels as K
 
 FEW = settings(max_examples=30, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
