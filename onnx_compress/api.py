@@ -145,6 +145,8 @@ def _quantize(model: onnx.ModelProto, opts: CompressOptions):
         cle=opts.cle,
         bias_correction=opts.bias_correction,
         min_agreement=opts.min_agreement,
+        op_types=opts.quantize_ops or None,
+        smooth=opts.smooth,
     )
 
 

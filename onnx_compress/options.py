@@ -89,6 +89,11 @@ class CompressOptions:
                                        "with FP32 on a held-back split reaches this", metavar="X", type=float, group="quantize")
     exclude: tuple[str, ...] = _opt((), "--exclude", "comma-separated node names, regexes or op types left in float",
                                     kind="list", metavar="PATTERNS", factory=tuple, group="quantize")
+    quantize_ops: tuple[str, ...] = _opt((), "--quantize-ops", "comma-separated op types to quantize (default: every "
+                                         "supported one; transformers: MatMul,Gemm)", kind="list", metavar="OPS",
+                                         factory=tuple, group="quantize")
+    smooth: float | None = _opt(None, "--smooth", "SmoothQuant strength (0..1) for the inputs of MatMuls with constant "
+                                "weights; transformers with outlier channels: 0.7", metavar="ALPHA", type=float, group="quantize")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "CompressOptions":
@@ -98,7 +103,7 @@ class CompressOptions:
             raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if kwargs.get("passes") is not None:
             kwargs["passes"] = tuple(kwargs["passes"])
-        for key in ("skip", "prune_ignore", "exclude"):
+        for key in ("skip", "prune_ignore", "exclude", "quantize_ops"):
             if key in kwargs:
                 value = kwargs[key]
                 kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
@@ -127,6 +132,15 @@ class CompressOptions:
                              "Conv+activation pairs itself; quantize the unfused model")
         if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
             raise ValueError(f"--min-agreement must be in (0, 1], got {self.min_agreement}")
+        if self.quantize_ops:
+            from .passes.insert_qdq import DEFAULT_OP_TYPES
+
+            unknown = sorted(set(self.quantize_ops) - DEFAULT_OP_TYPES)
+            if unknown:
+                raise ValueError(f"--quantize-ops: cannot quantize {', '.join(unknown)}; "
+                                 f"supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"--smooth must be in [0, 1], got {self.smooth}")
         for name in ("importance", "calib_method", "activations", "target", "quantize"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)

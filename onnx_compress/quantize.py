@@ -252,6 +252,9 @@ def quantize(
         raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {weight_rounding!r}")
     if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
+    if op_types is not None and not set(op_types) <= DEFAULT_OP_TYPES:
+        unknown = ", ".join(sorted(set(op_types) - DEFAULT_OP_TYPES))
+        raise ValueError(f"cannot quantize op type(s) {unknown}; supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
     if target == "trt":
         activations, symmetric, weight_bits, depthwise_weight_bits = "s8", True, 8, 8
     config = QuantConfig(

@@ -55,6 +55,19 @@ def test_quantize_then_prune_in_one_call(tiny_cnn_path, tmp_path, calib_npz):
     assert data["fidelity"]["min_cosine"] > 0.5
 
 
+def test_quantize_ops_limits_what_is_quantized(tiny_cnn_path, tmp_path, calib_npz):
+    out = tmp_path / "q.onnx"
+    rc = main([str(tiny_cnn_path), str(out), "--quantize", "int8", "--calib", str(calib_npz),
+               "--quantize-ops", "Conv", "--smooth", "0.5", "-q"])
+    assert rc == EXIT_OK
+    model = onnx.load(str(out))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert {n.op_type for n in weighted} >= {"Conv"} and len({n.op_type for n in weighted}) > 1
+    for n in weighted:  # Conv weights are dequantized integers, the head's stay float initializers
+        assert (producers.get(n.input[1]) == "DequantizeLinear") == (n.op_type == "Conv"), n.name
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -63,6 +76,8 @@ def test_quantize_then_prune_in_one_call(tiny_cnn_path, tmp_path, calib_npz):
         ["--prune", "1.5"],
         ["--importance", "nope", "--prune", "0.3"],
         ["--fuse", "--quantize", "int8", "--calib", "calib.npz"],
+        ["--quantize", "int8", "--calib", "calib.npz", "--quantize-ops", "Conv,Softmax"],
+        ["--quantize", "int8", "--calib", "calib.npz", "--smooth", "1.5"],
     ],
 )
 def test_lossy_usage_errors_exit_2_and_write_nothing(tiny_cnn_path, tmp_path, args, capsys):
