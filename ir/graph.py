@@ -234,22 +234,36 @@ def constant_users(tensor: gs.Tensor) -> list[gs.Node]:
 
 
 
+class NameScope:
+    """Fresh tensor/node names for a pass that adds many: the names in use are gathered once (the
+    names ``graph.tensors()`` would give, plus node names), and every name handed out is recorded.
+
+    Only valid while the names added to the graph come from this scope (a pass that inserts
+    hundreds of Q/DQ nodes would otherwise rescan the graph for each: 1084 scans on ResNet-50)."""
+
+    def __init__(self, graph: gs.Graph):
+        # the names graph.tensors() would give, without building its checked OrderedDict (10x faster)
+        taken = {tensor.name for tensor in itertools.chain(graph.inputs, graph.outputs)}
+        for node in graph.nodes:
+            taken.update(tensor.name for tensor in itertools.chain(node.inputs, node.outputs))
+        taken.discard("")  # empty (omitted optional) tensors have no name; graph.tensors() skips them
+        taken.update(n.name for n in graph.nodes)
+        self._taken = taken
+
+    def fresh(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first one not in use; now taken."""
+        name = base
+        for i in itertools.count(1):
+            if name not in self._taken:
+                break
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name not used anywhere in ``graph``."""
-    # the names graph.tensors() would give, without building its checked OrderedDict (10x faster;
-    # passes call this once per new tensor, and on ResNet-50 the map cost 2 ms a call)
-    taken = {tensor.name for tensor in itertools.chain(graph.inputs, graph.outputs)}
-    for node in graph.nodes:
-        taken.update(tensor.name for tensor in itertools.chain(node.inputs, node.outputs))
-    taken.discard("")  # empty (omitted optional) tensors have no name; graph.tensors() skips them
-    taken.update(n.name for n in graph.nodes)
-    if base not in taken:
-        return base
-    for i in itertools.count(1):
-        candidate = f"{base}_{i}"
-        if candidate not in taken:
-            return candidate
-    raise AssertionError("unreachable")
+    return NameScope(graph).fresh(base)
 
 
 def make_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:

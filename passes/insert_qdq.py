@@ -97,7 +97,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir.errors import PassError
-from ..ir.graph import constant_value, is_graph_output, producer, unique_name
+from ..ir.graph import NameScope, constant_value, is_graph_output, producer
 from .base import Pass, PassResult
 
 logger = logging.getLogger(__name__)
@@ -612,38 +612,39 @@ class InsertQDQPass(Pass):
             params[name] = params[plan.root(name)]
         self.params = params
         tensors = graph.tensors()
+        names = NameScope(graph)
         original_inputs = {id(n): list(n.inputs) for n in plan.nodes}
 
         # weights and biases read the float tensors as they were before activation Q/DQ
         for use in plan.weights:
-            self._quantize_weight(graph, use)
+            self._quantize_weight(graph, names, use)
         for node, index in plan.biases:  # empty for target trt: TensorRT keeps the bias float
             x = original_inputs[id(node)][0]
             w_use = next(u for u in plan.weights if u.node is node)
-            self._quantize_bias(graph, node, index, params[x.name], w_use)
+            self._quantize_bias(graph, names, node, index, params[x.name], w_use)
         for node, index in plan.constants:
-            self._quantize_constant(graph, node, index)
+            self._quantize_constant(graph, names, node, index)
         keep_float = {id(n) for n in graph.nodes if not config.selects(n)}
         for name in plan.quantized:
-            self._insert_activation_qdq(graph, tensors[name], params[name], keep_float)
+            self._insert_activation_qdq(graph, names, tensors[name], params[name], keep_float)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         logger.info("quantized %d nodes, %d activation tensors", len(plan.nodes), len(plan.quantized))
         return PassResult(graph, True, len(plan.nodes), plan.declined)
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _dq(self, graph: gs.Graph, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None):
-        qc = gs.Constant(unique_name(graph, f"{base}_quantized"), np.ascontiguousarray(q))
-        sc = gs.Constant(unique_name(graph, f"{base}_scale"), np.ascontiguousarray(scale, dtype=np.float32))
-        zc = gs.Constant(unique_name(graph, f"{base}_zero_point"), np.ascontiguousarray(zp))
-        out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
+    def _dq(self, graph: gs.Graph, names: NameScope, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None):
+        qc = gs.Constant(names.fresh(f"{base}_quantized"), np.ascontiguousarray(q))
+        sc = gs.Constant(names.fresh(f"{base}_scale"), np.ascontiguousarray(scale, dtype=np.float32))
+        zc = gs.Constant(names.fresh(f"{base}_zero_point"), np.ascontiguousarray(zp))
+        out = gs.Variable(names.fresh(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
         attrs = {} if axis is None else {"axis": int(axis)}
-        node = gs.Node("DequantizeLinear", name=unique_name(graph, f"{base}_DequantizeLinear"),
+        node = gs.Node("DequantizeLinear", name=names.fresh(f"{base}_DequantizeLinear"),
                        attrs=attrs, inputs=[qc, sc, zc], outputs=[out])
         graph.nodes.append(node)
         return out
 
-    def _quantize_weight(self, graph: gs.Graph, use: WeightUse) -> None:
+    def _quantize_weight(self, graph: gs.Graph, names: NameScope, use: WeightUse) -> None:
         tensor = use.node.inputs[use.index]
         w = constant_value(tensor)
         qmax = self.config.weight_qmax_of(use.node, w)
@@ -657,9 +658,9 @@ class InsertQDQPass(Pass):
             q, scale = quantize_weight(w, use.axis, qmax)
         use.scale = scale
         zp = np.zeros(scale.shape, dtype=np.int8)
-        use.node.inputs[use.index] = self._dq(graph, tensor.name, q, scale, zp, use.axis)
+        use.node.inputs[use.index] = self._dq(graph, names, tensor.name, q, scale, zp, use.axis)
 
-    def _quantize_bias(self, graph: gs.Graph, node: gs.Node, index: int, x_params: QuantParams, w_use: WeightUse) -> None:
+    def _quantize_bias(self, graph: gs.Graph, names: NameScope, node: gs.Node, index: int, x_params: QuantParams, w_use: WeightUse) -> None:
         tensor = node.inputs[index]
         b = constant_value(tensor).astype(np.float64)
         s_w = np.asarray(w_use.scale, dtype=np.float32)
@@ -668,33 +669,33 @@ class InsertQDQPass(Pass):
         scale = (np.float32(x_params.scale) * s_w).astype(np.float32)
         scale = np.broadcast_to(scale, b.shape).astype(np.float32) if scale.ndim else np.full(b.shape, scale, np.float32)
         q = quantize_bias(b, scale)
-        node.inputs[index] = self._dq(graph, tensor.name, q, scale, np.zeros(b.shape, np.int32), 0)
+        node.inputs[index] = self._dq(graph, names, tensor.name, q, scale, np.zeros(b.shape, np.int32), 0)
 
-    def _quantize_constant(self, graph: gs.Graph, node: gs.Node, index: int) -> None:
+    def _quantize_constant(self, graph: gs.Graph, names: NameScope, node: gs.Node, index: int) -> None:
         tensor = node.inputs[index]
         value = constant_value(tensor).astype(np.float32)
         p = activation_params(float(value.min(initial=0.0)), float(value.max(initial=0.0)), self.config)
         q = np.clip(np.round(value.astype(np.float64) / float(p.scale)) + p.zero_point, p.qmin, p.qmax).astype(p.dtype)
         node.inputs[index] = self._dq(
-            graph, tensor.name, q, np.asarray(p.scale, np.float32), np.asarray(p.zero_point, p.dtype), None
+            graph, names, tensor.name, q, np.asarray(p.scale, np.float32), np.asarray(p.zero_point, p.dtype), None
         )
 
-    def _insert_activation_qdq(self, graph: gs.Graph, tensor: gs.Tensor, p: QuantParams, keep_float: set[int]) -> None:
+    def _insert_activation_qdq(self, graph: gs.Graph, names: NameScope, tensor: gs.Tensor, p: QuantParams, keep_float: set[int]) -> None:
         base = tensor.name
-        scale = gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(p.scale, dtype=np.float32))
-        zp = gs.Constant(unique_name(graph, f"{base}_zero_point"), np.asarray(p.zero_point, dtype=p.dtype))
-        quantized = gs.Variable(unique_name(graph, f"{base}_quantized"), dtype=p.dtype, shape=tensor.shape)
+        scale = gs.Constant(names.fresh(f"{base}_scale"), np.asarray(p.scale, dtype=np.float32))
+        zp = gs.Constant(names.fresh(f"{base}_zero_point"), np.asarray(p.zero_point, dtype=p.dtype))
+        quantized = gs.Variable(names.fresh(f"{base}_quantized"), dtype=p.dtype, shape=tensor.shape)
         if is_graph_output(graph, tensor) and producer(tensor) is not None:
             # keep the output name: the producer writes a new tensor, the DQ writes the output
             src = producer(tensor)
-            pre = gs.Variable(unique_name(graph, f"{base}_float"), dtype=tensor.dtype, shape=tensor.shape)
+            pre = gs.Variable(names.fresh(f"{base}_float"), dtype=tensor.dtype, shape=tensor.shape)
             src.outputs[[i for i, t in enumerate(src.outputs) if t is tensor][0]] = pre
             for user in list(tensor.outputs):  # excluded readers keep reading the float value
                 if id(user) in keep_float:
                     user.inputs[:] = [pre if inp is tensor else inp for inp in user.inputs]
             q_in, dq_out = pre, tensor
         else:
-            dq_out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
+            dq_out = gs.Variable(names.fresh(f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
             for user in list(tensor.outputs):
                 if id(user) in keep_float:
                     continue  # excluded (or, with ``only``, unselected) readers keep the float value
@@ -702,9 +703,9 @@ class InsertQDQPass(Pass):
                     if inp is tensor:
                         user.inputs[i] = dq_out
             q_in = tensor
-        graph.nodes.append(gs.Node("QuantizeLinear", name=unique_name(graph, f"{base}_QuantizeLinear"),
+        graph.nodes.append(gs.Node("QuantizeLinear", name=names.fresh(f"{base}_QuantizeLinear"),
                                    inputs=[q_in, scale, zp], outputs=[quantized]))
-        graph.nodes.append(gs.Node("DequantizeLinear", name=unique_name(graph, f"{base}_DequantizeLinear"),
+        graph.nodes.append(gs.Node("DequantizeLinear", name=names.fresh(f"{base}_DequantizeLinear"),
                                    inputs=[quantized, scale, zp], outputs=[dq_out]))
 
 

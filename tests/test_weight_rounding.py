@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from onnx_compress.passes import weight_rounding as wr
 
 
@@ -110,18 +109,22 @@ def _two_conv_model(rng) -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2")]
-    graph = helper.make_graph(nodes, "two_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 12, 12])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 12, 12])
+    graph = helper.make_graph(nodes, "two_conv", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 12, 12])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_sequential_compensation_lowers_the_output_error_on_held_out_data():
     import onnxruntime as ort
-
     from onnx_compress.ir.graph import to_graph, to_model
     from onnx_compress.passes.bias_correction import apply_biases
     from onnx_compress.passes.calibration import collect_statistics, compute_range
-    from onnx_compress.passes.insert_qdq import InsertQDQPass, QuantConfig, plan_quantization
+    from onnx_compress.passes.insert_qdq import (
+        InsertQDQPass,
+        QuantConfig,
+        plan_quantization,
+    )
 
     rng = np.random.default_rng(3)
     model = _two_conv_model(rng)
