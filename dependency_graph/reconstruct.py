@@ -2,9 +2,11 @@
 
 When input channels of a layer ``y = W x + b`` are removed, the layer loses their contribution.
 Given calibration activations ``x`` of the *original* model, we refit the kept input weights and
-the bias so that the pruned layer's pre-activation output matches the original one:
+the bias so that the pruned layer's pre-activation output matches the original one, shrinking
+toward the plain pruned weights ``W_K`` (the original weights restricted to the kept inputs), not
+toward zero:
 
-    min_{A, c}  E || (W x + b) - (A x_K + c) ||^2  +  lam ||A||^2
+    min_{A, c}  E || (W x + b) - (A x_K + c) ||^2  +  lam || A - W_K ||^2
 
 where ``x_K`` are the kept input features. For a Conv the features are im2col columns
 ``x_col[(ci, ky, kx)]`` of each output position (one row per position and sample; ``W`` reshaped
@@ -12,14 +14,23 @@ to ``[C_out, C_in * prod(k)]``, same ordering), for Gemm/MatMul the rows of the 
 With ``mu_x = E[x_K]``, ``mu_y = E[W x]`` and the centred moments ``S = E[x_K x_K^T] - mu_x
 mu_x^T``, ``R = E[x_K (W x)^T] - mu_x mu_y^T``, the solution is
 
-    A = (S + lam I)^{-1} R,        c = mu_y + b - A^T mu_x
+    A^T = (S + lam I)^{-1} (R + lam W_K^T),        c = mu_y + b - A mu_x
 
-(the intercept is free, not regularised). ``lam = ridge * trace(S) / |K|`` scales the ridge to the
-features' variance. A removed channel that carried a constant (a ReLU of a bias, HardSigmoid of
-zero = 0.5) contributes ``W[:, c] * const`` to every output: exactly what ``c`` absorbs, so such
-channels are folded into the bias. (With padding the contribution is not constant at the borders;
-the fit then takes the best constant.) Layers without a bias slot (a MatMul not followed by a
-per-feature Add) are fitted without intercept, ``A = (E[x_K x_K^T] + lam I)^{-1} E[x_K (W x)^T]``.
+(the intercept is free, not penalised: it absorbs whatever constant the removed channels carried,
+see below). ``lam = ridge * trace(S) / |K|`` scales the penalty to the features' mean variance.
+Why the prior: the calibration rows may not determine the fit. A classifier Gemm gets one row per
+sample (48 rows for ~1000 kept inputs in MobileNetV2), a 7x7 map 49 per sample; ``S`` is then
+rank-deficient, and a ridge toward zero sets every direction the data does not see to zero (the
+minimum-norm interpolant), which generalises worse than not refitting at all. With the prior, the
+directions ``S`` does not see keep ``W_K``; with many rows (``S >> lam``) the fit is ordinary
+least squares. Limits: no rows, or ``lam -> inf``, give ``A = W_K`` and (no rows) the original
+bias, i.e. plain pruning.
+
+A removed channel that carried a constant (a ReLU of a bias, HardSigmoid of zero = 0.5)
+contributes ``W[:, c] * const`` to every output: exactly what ``c`` absorbs, so such channels are
+folded into the bias. (With padding the contribution is not constant at the borders; the fit then
+takes the best constant.) Layers without a bias slot (a MatMul not followed by a per-feature Add)
+are fitted without intercept, ``A^T = (E[x_K x_K^T] + lam I)^{-1} (E[x_K (W x)^T] + lam W_K^T)``.
 
 The statistics are sums over rows accumulated batch by batch into float64 (``sum x_K``,
 ``sum W x``, ``sum x_K x_K^T``, ``sum x_K (W x)^T``, the row count; each batch's products in
@@ -252,10 +263,19 @@ class LayerFit:
         mean = self.sum_x / self.n
         return g[:, keep], g @ w, mean[keep], mean @ w, self._shift_x[keep], self._shift_x @ w
 
+    def prior(self) -> np.ndarray:
+        """The plain pruned weights ``W_K`` ``[C', |K|]`` the fit shrinks toward (module docstring)."""
+        return self.w2d[np.ix_(self.out_keep, self.col_keep)]
+
     def solve(self, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-        """(weights ``[C', |K|]``, bias ``[C']``) for the kept output channels ``C'``, in order."""
+        """(weights ``[C', |K|]``, bias ``[C']``) for the kept output channels ``C'``, in order.
+
+        No rows seen: the prior itself (``W_K``, original bias), i.e. plain pruning.
+        """
+        prior = self.prior()
         if self.n == 0:
-            raise ValueError(f"no calibration rows reached '{self.node.name}'")
+            logger.warning("reconstruct: no calibration rows reached '%s'; kept the pruned weights", self.node.name)
+            return prior.copy(), self.bias[self.out_keep].copy()
         exx, exy, mx, my, sx, sy = self._moments()
         k = exx.shape[0]
         if self.intercept:
@@ -266,7 +286,8 @@ class LayerFit:
             r = exy + np.outer(mx, sy) + np.outer(sx, my) + np.outer(sx, sy)
         lam = ridge * max(float(np.trace(s)) / max(k, 1), 1e-12)
         s[np.diag_indices(k)] += lam
-        a = np.linalg.solve(s, r)  # [K, C'] (float64; numpy's float32 LU and Cholesky measured no faster)
+        # [K, C'] (float64; numpy's float32 LU and Cholesky measured no faster)
+        a = np.linalg.solve(s, r + lam * prior.T)
         if self.intercept:
             b = (my + sy) + self.bias[self.out_keep] - (mx + sx) @ a
         else:
@@ -417,7 +438,8 @@ def second_round(fit: LayerFit) -> LayerFit:
 
     Targets are the original layer's outputs at the kept output channels (bias included, and
     for a MatMul the bias of its Add; computed by ``fit.targets``), so the new fit carries a
-    zero bias of its own and keeps every (already kept) input.
+    zero bias of its own and keeps every (already kept) input. Its prior ``W_K`` is the node's
+    current weight, the round-1 solution.
     """
     node = fit.node
     found = _weight_matrix(node)

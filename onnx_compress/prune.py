@@ -33,8 +33,9 @@ Options (keyword-only, one per CLI flag):
   dict of arrays or an iterable of feed dicts (loaded by
   :func:`onnx_compress.passes.calibration.load_calibration`; give a list, not a generator, when
   both ``activation`` and ``reconstruct`` need it: it is read twice);
-* ``reconstruct``: refit the consumers of removed channels by ridge least squares on ``calib``
-  (:mod:`onnx_compress.dependency_graph.reconstruct`); the result then no longer equals the
+* ``reconstruct``: refit the consumers of removed channels by least squares on ``calib``, with a
+  ridge toward the plain pruned weights (strength ``ridge`` relative to the features' mean
+  variance; :mod:`onnx_compress.dependency_graph.reconstruct`); the result then no longer equals the
   masked reference, by design.
 
 Calibration statistics are streamed (per-channel sums; per-layer Gram matrices): memory does not
@@ -68,6 +69,7 @@ from .dependency_graph.reconstruct import plan_fits, second_round, write_fit
 from .ir import io as ir_io
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, model_stats
+from .ir.validate import infer_shapes
 from .passes.base import PassManager
 from .passes.eliminate_noop import EliminateNoOpPass
 from .passes.fold_constants import FoldConstantsPass
@@ -185,7 +187,7 @@ def _group_report(group: PruningGroup, kept: np.ndarray | None) -> GroupReport:
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return infer_shapes(model, data_prop=True)  # on a weightless copy: no 100 MB serialisations
     except Exception as exc:  # pruning still works on whatever shapes the model carries
         logger.warning("shape inference failed (%s); groups need known channel sizes", str(exc).splitlines()[0])
         return model

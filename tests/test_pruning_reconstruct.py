@@ -242,3 +242,63 @@ def test_full_gram_form_and_kept_outputs_give_the_same_fit():
     wide = rng.standard_normal((64, 8))
     assert LayerFit(node, "conv", "x", wide, np.zeros(64), np.arange(8) < 6, np.ones(64, bool), True,
                     ([1, 1], [1, 1], [1, 1], [0, 0, 0, 0])).full_gram
+
+
+def test_fit_shrinks_toward_the_pruned_weights_not_zero():
+    """The penalty is ``lam ||A - W_K||^2``: no rows (or ``lam -> inf``) return ``W_K`` exactly,
+    a well-determined system returns ordinary least squares, and the directions an
+    underdetermined system (fewer rows than kept inputs) cannot see keep ``W_K`` instead of 0."""
+    from onnx_compress.dependency_graph.reconstruct import LayerFit
+
+    rng = np.random.default_rng(3)
+    node = type("N", (), {"name": "fc", "op": "Gemm", "attrs": {}})()
+    d, c_out = 40, 7
+    w2d = rng.standard_normal((c_out, d))
+    bias = rng.standard_normal(c_out)
+    keep = np.arange(d) % 4 != 0  # 30 kept inputs
+    outs = np.arange(c_out) != 2
+    prior = w2d[np.ix_(outs, keep)]
+
+    def fit(**kw):
+        return LayerFit(node, "gemm", "x", w2d, bias, keep, outs, True, None, np.float64, **kw)
+
+    # no rows: plain pruning, bit for bit
+    empty = fit()
+    w0, b0 = empty.solve(1e-3)
+    np.testing.assert_array_equal(w0, prior)
+    np.testing.assert_array_equal(b0, bias[outs])
+    # lam -> inf: the data no longer matters
+    x = (rng.standard_normal((500, d)) + 0.3).astype(np.float32).astype(np.float64)  # what the fit reads
+    strong = fit()
+    strong.update(x)
+    w_inf, _ = strong.solve(1e12)
+    np.testing.assert_allclose(w_inf, prior, rtol=0, atol=1e-9 * np.abs(prior).max())
+    # well-determined (500 rows, 30 unknowns + intercept): ordinary least squares
+    for full in (False, True):
+        f = fit(full_gram=full)
+        f.update(x[:200])
+        f.update(x[200:])
+        w, b = f.solve(1e-12)
+        design = np.hstack([x[:, keep], np.ones((len(x), 1))])
+        coef, *_ = np.linalg.lstsq(design, x @ w2d[outs].T + bias[outs], rcond=None)
+        # (the targets W x are formed in float32, per batch: 1e-6 of the scale)
+        np.testing.assert_allclose(w, coef[:-1].T, rtol=0, atol=1e-6 * np.abs(coef).max())
+        np.testing.assert_allclose(b, coef[-1], rtol=0, atol=1e-6 * np.abs(coef).max())
+        assert np.abs(w - prior).max() > 0.1  # and that is not the prior: the data moved it
+    # underdetermined (10 rows, 30 unknowns): the component of A outside the rows' span is W_K's
+    few = fit()
+    xs = x[:10]
+    few.update(xs)
+    w_few, _ = few.solve(1e-3)
+    centred = xs[:, keep] - xs[:, keep].mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=True)
+    null = vt[(sv > 1e-9 * sv[0]).sum():]  # directions no calibration row sees
+    assert null.shape[0] >= 20
+    np.testing.assert_allclose(w_few @ null.T, prior @ null.T, rtol=0, atol=1e-9 * np.abs(prior).max())
+    assert np.abs(prior @ null.T).max() > 0.5  # a ridge toward zero would have zeroed these
+    # and the fit still matches the original outputs on the rows it saw (nearly: ridge 1e-3)
+    ref = xs @ w2d[outs].T + bias[outs]
+    _, b_few = few.solve(1e-3)
+    err_fit = np.abs(xs[:, keep] @ w_few.T + b_few - ref).max()
+    err_plain = np.abs(xs[:, keep] @ prior.T + bias[outs] - ref).max()
+    assert err_fit < 0.05 * err_plain
