@@ -1306,6 +1306,8 @@ class ExpandRule(ChannelRule):
         rx, ry = tensor_rank(x), tensor_rank(y)
         k = tensor_rank(tensor) - axis
         ax, ay = rx - k, ry - k
+        if tensor is y and (ax < 0 or ctx.axis_size(x, ax) == 1) and self._constant_entry(node, k, ctx.axis_size(y, ay)):
+            return None  # every slice of y along ay is the same copy of x: apply shrinks the target entry
         if ax < 0:
             raise Barrier(f"axis {ay} is created by Expand")
         sx, sy = ctx.axis_size(x, ax), ctx.axis_size(y, ay)
@@ -1319,6 +1321,18 @@ class ExpandRule(ChannelRule):
             if int(value[idx]) not in (1, sy):
                 raise Barrier(f"target size {int(value[idx])} of axis {ay} does not match the inferred shape")
         ctx.link(ctx.dim(x, ax), None, ctx.dim(y, ay), None)
+
+    @classmethod
+    def _constant_entry(cls, node: gs.Node, k: int, size: int | None) -> bool:
+        """Whether the target entry ``k`` from the right is a constant equal to ``size`` (> 1)."""
+        try:
+            j = cls._length(node) - k
+            if j < 0:
+                return False
+            _, _, value, idx = _reshape_entry(node, j)
+        except Barrier:
+            return False
+        return size is not None and size > 1 and int(value[idx]) == size
 
     @staticmethod
     def _length(node: gs.Node) -> int:
@@ -1364,6 +1378,19 @@ class TileRule(ChannelRule):
         ctx.link(ctx.dim(y, axis), iy, ctx.dim(x, axis), iy % c)
 
 
+class CastLikeRule(ChannelRule):
+    """``CastLike(x, like)``: element-wise on ``x`` (``y`` has ``x``'s shape); ``like`` supplies
+    only the element type, so none of its dims are coupled (the dynamo exporter's raw graph reads
+    a zero bias as ``CastLike(0, activation)``)."""
+
+    def couple(self, ctx, node, tensor, axis):
+        x, y = node.inputs[0], node.outputs[0]
+        if tensor is not x and tensor is not y:
+            return None  # the `like` operand: its type is read, never its values or shape
+        other = y if tensor is x else x
+        ctx.link(ctx.dim(tensor, axis), None, ctx.dim(other, axis), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry
 
@@ -1381,6 +1408,7 @@ def _build_rules() -> dict[str, ChannelRule]:
     for op in _UNARY:
         rules[op] = unary
     rules["Dropout"] = ElementwiseRule(outputs=None)
+    rules["CastLike"] = CastLikeRule()
     for op in ("Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal", "Less",
                "Greater", "LessOrEqual", "GreaterOrEqual"):
         rules[op] = ElementwiseRule()

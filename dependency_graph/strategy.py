@@ -34,6 +34,27 @@ as 1). The MAC fraction ``sum M' / sum M`` is non-increasing in the uniform rati
 global threshold, so bisection (60 steps) finds the least pruning whose fraction is at most
 ``target``; if even the heaviest allowed pruning stays above it, that plan is returned and the
 caller reports the shortfall.
+
+Latency-aware MAC target (the default of :func:`target_plan` without global ranking): MACs are
+not wall time. A contraction that reads and writes large activations for few MACs (a depthwise
+conv, a 1x1 conv at high resolution) is memory-bound; its time falls only linearly with its
+channels, and the unpruned early layers of an inverted-residual net dominate the pruned model's
+latency. Cost model per contraction ``n``: ``T_n = M_n + kappa * (N_in + N_out)`` with ``N`` the
+element counts of its input and output activations and ``kappa = ELEMENT_COST`` (16 MAC
+equivalents per element: the compute/bandwidth balance of a 2-thread CPU). For each prunable group
+``g``, with ``share`` the fraction of a member dim's indices that belong to ``g``,
+``M_g = sum share * M_n`` and ``T_g = sum share * (M_n + kappa * N_side)`` over the contractions
+whose input (output) channel dim is a member (``N_side`` = ``N_in`` resp. ``N_out``; a grouped
+conv counts both sides); ``rho_g = T_g / M_g`` is the wall time per MAC its channels carry. The
+group's exponent is ``e_g = clip(rho_g / rho_ref, 1 / E, E)`` (``rho_ref`` the geometric mean over
+groups, ``E = MAX_EXPONENT = 2``), and at the single bisected parameter ``r`` group ``g`` removes
+``1 - (1 - r) ** e_g`` of its channels (capped by ``max_group_ratio``, then rounded as above).
+``e_g = 1`` everywhere is the uniform plan; the removed fraction is increasing in ``r`` for every
+group, so the MAC fraction stays monotone and the bisection is unchanged. Groups whose channels
+carry more wall time than MACs (MobileNetV2's expanded channels, feeding a depthwise conv) give
+more, compute-bound ones (its residual streams) less; ResNet-style nets, where every group is
+compute-bound, stay close to uniform (exponents 0.96..1.3). Deterministic: the model depends
+only on static shapes. Only *which* channels go changes; the masked-equivalence contract holds.
 """
 
 from __future__ import annotations
@@ -172,8 +193,8 @@ def _dims_of(shape) -> list[int] | None:
     return [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]
 
 
-def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bool]]:
-    """``(macs, in_dim_id, out_dim_id, grouped)`` per contraction node (see module docstring)."""
+def _contractions(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bool, int, int]]:
+    """``(macs, in_dim_id, out_dim_id, grouped, in_elements, out_elements)`` per contraction node."""
     terms = []
 
     def dim_id(tensor, axis):
@@ -187,6 +208,7 @@ def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bo
         xs, ws, ys = _dims_of(x.shape), _dims_of(static_shape(w) or w.shape), _dims_of(y.shape)
         if xs is None or ws is None or ys is None:
             continue
+        elems = (int(np.prod(xs)), int(np.prod(ys)))
         if node.op in ("Conv", "ConvTranspose"):
             g = int(node.attrs.get("group", 1))
             kernel = int(np.prod(ws[2:])) if len(ws) > 2 else 1
@@ -197,20 +219,25 @@ def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bo
             ins, outs = dim_id(x, 1), dim_id(y, 1)
             if g > 1:
                 # whole conv groups: the fraction of the side that carries them
-                terms.append((macs, None, outs if node.op == "Conv" else ins, True))
+                terms.append((macs, None, outs if node.op == "Conv" else ins, True, *elems))
                 continue
-            terms.append((macs, ins, outs, False))
+            terms.append((macs, ins, outs, False, *elems))
         elif node.op == "Gemm":
             ka = 0 if node.attrs.get("transA", 0) else 1
-            terms.append((ys[0] * ys[1] * xs[ka], dim_id(x, ka), dim_id(y, 1), False))
+            terms.append((ys[0] * ys[1] * xs[ka], dim_id(x, ka), dim_id(y, 1), False, *elems))
         else:
             if len(xs) < 2:
                 continue
             din, dout = dim_id(x, len(xs) - 1), dim_id(y, len(ys) - 1)
             if dout is None and constant_value(w) is None:  # attention product: heads on a batch axis
                 dout = next((dim_id(y, a) for a in range(len(ys) - 2) if dim_id(y, a) is not None), None)
-            terms.append((int(np.prod(ys)) * xs[-1], din, dout, False))
+            terms.append((int(np.prod(ys)) * xs[-1], din, dout, False, *elems))
     return terms
+
+
+def mac_model(dg: DependencyGraph) -> list[tuple[int, int | None, int | None, bool]]:
+    """``(macs, in_dim_id, out_dim_id, grouped)`` per contraction node (see module docstring)."""
+    return [t[:4] for t in _contractions(dg)]
 
 
 def mac_fraction(terms, masks: Mapping[int, np.ndarray]) -> float:
@@ -228,6 +255,62 @@ def mac_fraction(terms, masks: Mapping[int, np.ndarray]) -> float:
     return kept / total
 
 
+# --- latency-aware MAC target -------------------------------------------------------------------
+
+ELEMENT_COST = 32.0  # MAC-equivalents per activation element a contraction reads or writes
+MAX_EXPONENT = 3.0  # latency exponents are clipped to [1 / MAX_EXPONENT, MAX_EXPONENT]
+
+
+def latency_exponents(
+    dg: DependencyGraph, *, element_cost: float = ELEMENT_COST, max_exponent: float = MAX_EXPONENT
+) -> dict[int, float]:
+    """Per prunable group, how much more wall time than MACs its channels carry (module docstring)."""
+    by_dim: dict[int, list[tuple[float, float]]] = {}
+    for macs, din, dout, grouped, n_in, n_out in _contractions(dg):
+        if grouped:  # a depthwise/grouped conv reads and writes the channels it keeps
+            if dout is not None:
+                by_dim.setdefault(dout, []).append((macs, macs + element_cost * (n_in + n_out)))
+            continue
+        for d, n in ((din, n_in), (dout, n_out)):
+            if d is not None:
+                by_dim.setdefault(d, []).append((macs, macs + element_cost * n))
+    ratios: dict[int, float] = {}
+    for group in dg.prunable:
+        m = t = 0.0
+        for member in group.members:
+            share = len(member.indices) / max(member.dim.size, 1)
+            for macs, lat in by_dim.get(member.dim.id, ()):
+                m += share * macs
+                t += share * lat
+        if m > 0:
+            ratios[group.id] = t / m
+    if not ratios:
+        return {g.id: 1.0 for g in dg.prunable}
+    ref = float(np.exp(np.mean(np.log(list(ratios.values())))))  # geometric mean: typical group -> 1
+    lo, hi = 1.0 / max_exponent, max_exponent
+    return {g.id: float(np.clip(ratios.get(g.id, ref * hi) / ref, lo, hi)) for g in dg.prunable}
+
+
+def weighted_plan(
+    dg: DependencyGraph,
+    scores: Mapping[int, np.ndarray],
+    ratio: float,
+    exponents: Mapping[int, float],
+    *,
+    round_to: int = 8,
+    max_group_ratio: float = 0.9,
+) -> Plan:
+    """Group ``g`` removes ``1 - (1 - ratio) ** e_g`` of its channels (capped, then rounded)."""
+    plan: Plan = {}
+    for group in dg.prunable:
+        r = 1.0 - (1.0 - ratio) ** exponents.get(group.id, 1.0)
+        r = min(r, max_group_ratio, 0.999)
+        k = kept_count(group.channels, r, round_to) if r > 0 else group.channels
+        if k < group.channels:
+            plan[group.id] = top_k(np.asarray(scores[group.id]), k)
+    return plan
+
+
 def target_plan(
     dg: DependencyGraph,
     scores: Mapping[int, np.ndarray],
@@ -236,6 +319,7 @@ def target_plan(
     round_to: int = 8,
     global_ranking: bool = False,
     max_group_ratio: float = 0.9,
+    latency_aware: bool = True,
 ) -> Plan:
     """Least pruning whose MACs are at most ``target_macs`` of the model's (module docstring)."""
     if not 0.0 < target_macs <= 1.0:
@@ -253,6 +337,13 @@ def target_plan(
             return threshold_plan(dg, norm, t, round_to=round_to, max_group_ratio=max_group_ratio)
 
         hi = top
+    elif latency_aware:
+        exponents = latency_exponents(dg)
+
+        def make(r: float) -> Plan:
+            return weighted_plan(dg, scores, r, exponents, round_to=round_to, max_group_ratio=max_group_ratio)
+
+        hi = 0.999
     else:
         def make(r: float) -> Plan:
             return uniform_plan(dg, scores, r, round_to=round_to)

@@ -28,6 +28,8 @@ Options (keyword-only, one per CLI flag):
   instead of the same ratio in every group (``ratio`` is then the fraction of all prunable
   channels removed), no group losing more than ``max_group_ratio``;
 * ``target_macs``: keep at most this fraction of the MACs (bisection; ``ratio`` is ignored);
+  without global ranking the per-group ratios follow a latency cost model unless
+  ``latency_aware=False`` (:mod:`onnx_compress.dependency_graph.strategy`);
 * ``round_to``, ``ignore``: see :mod:`onnx_compress.dependency_graph.strategy` / ``.graph``;
 * ``calib``: an ``.npz`` keyed by input name (stacked on axis 0), a folder of ``.npz`` feeds, a
   dict of arrays or an iterable of feed dicts (loaded by
@@ -371,26 +373,28 @@ def _reconstruct(dg, working, calib, masks, *, ridge: float, rows_per_sample: in
 
 
 def _refit_on_pruned(dg, working, original, calib, fits, *, ridge: float, rows_per_sample, seed: int) -> None:
-    """Round 2: the pruned model's layer inputs against the original layers' outputs.
+    """Round 2, sequential: each layer refitted on the inputs the pruned model now feeds it.
 
     Round 1 fits each layer on the original activations; the refitted layers before it still
-    leave a residual error, which this round (one joint pass) lets every layer compensate. Both
-    models are asked for the same tensors (the layers' inputs); the original outputs ``W x + b``
-    are formed from the original inputs at the sampled positions only (cheaper than asking ONNX
-    Runtime for whole output maps, which also blocks its Conv fusions).
+    leave a residual error, which this round lets every layer compensate, one layer at a time in
+    graph order: layer ``L`` is fitted on the pruned model's input *after* every layer before it
+    has its round-2 weights, against the original layer's output. (Refitting all layers jointly
+    from one pass over-corrects: layer ``L`` compensates errors of its inputs that the layers
+    before it then also remove; measured on MobileNetV2 at 20 %, a joint round 2 lowered the
+    logit cosine with the unpruned model from 0.30 to 0.18, below plain l1.) Each step asks both
+    models for one tensor, so ONNX Runtime runs only the graph up to it; the original outputs
+    ``W x + b`` are formed from the original inputs at the sampled positions only.
     """
-    pruned = _export(dg, original)
-    fresh = [second_round(f) for f in fits]
-    for f in fits:
-        f.drop_statistics()
-    names = list(dict.fromkeys(f.input_name for f in fits))
-    rng_a = np.random.default_rng(seed + 1)
-    for (xo, _), (xp, _) in zip(_stream(working, calib, names), _stream(pruned, calib, names)):
-        for f, old in zip(fresh, fits):
-            f.update_pair(xp[f.input_name], xo[old.input_name], old, rows_per_sample=rows_per_sample, rng=rng_a)
-    for f in fresh:
-        w, b = f.solve(ridge)
-        write_fit(dg.graph, f, w, b)
+    for i, old in enumerate(fits):  # plan_fits lists them in (topological) graph order
+        pruned = _export(dg, original)
+        fresh = second_round(old)
+        old.drop_statistics()
+        rng = np.random.default_rng(seed + 1 + i)
+        name = old.input_name
+        for (xo, _), (xp, _) in zip(_stream(working, calib, [name]), _stream(pruned, calib, [name])):
+            fresh.update_pair(xp[name], xo[name], old, rows_per_sample=rows_per_sample, rng=rng)
+        w, b = fresh.solve(ridge)
+        write_fit(dg.graph, fresh, w, b)
 
 
 def prune(
@@ -406,6 +410,7 @@ def prune(
     reconstruct: bool = False,
     global_ranking: bool = False,
     max_group_ratio: float = 0.9,
+    latency_aware: bool = True,
     ridge: float = 1e-3,
     rows_per_sample: int | None = 64,
     reconstruct_rounds: int = 2,
@@ -434,7 +439,7 @@ def prune(
     scores = score_groups(dg, importance, seed=seed, activations=activations)
     if target_macs is not None:
         plan = target_plan(dg, scores, target_macs, round_to=round_to, global_ranking=global_ranking,
-                           max_group_ratio=max_group_ratio)
+                           max_group_ratio=max_group_ratio, latency_aware=latency_aware)
     elif global_ranking:
         plan = global_plan(dg, scores, ratio, round_to=round_to, max_group_ratio=max_group_ratio)
     else:
