@@ -121,6 +121,7 @@ def _prune(working: onnx.ModelProto, opts: CompressOptions):
         round_to=opts.round_to,
         ignore=opts.prune_ignore,
         calib=opts.calib,
+        calib_preprocessing=opts.image_preprocessing(),
         reconstruct=opts.reconstruct,
         global_ranking=opts.global_ranking,
         seed=opts.seed,
@@ -146,6 +147,7 @@ def _quantize(model: onnx.ModelProto, opts: CompressOptions):
         bias_correction=opts.bias_correction,
         min_agreement=opts.min_agreement,
         op_types=opts.quantize_ops or None,
+        preprocessing=opts.image_preprocessing(),
         smooth=opts.smooth,
     )
 

@@ -72,6 +72,14 @@ class CompressOptions:
     # calibration data, shared by pruning (activation importance, reconstruction) and quantization
     calib: str | None = _opt(None, "--calib", "calibration data: .npz keyed by input name, folder of .npz, or folder of images",
                              metavar="PATH", group="calib")
+    image_size: int = _opt(224, "--image-size", "image-folder calibration: centre crop of N x N after resizing the short "
+                           "side to N/0.875", metavar="N", type=int, group="calib")
+    image_mean: tuple[str, ...] = _opt((), "--mean", "image-folder calibration: per-channel mean of [0, 1] pixels "
+                                       "(default ImageNet's)", kind="list", metavar="M1,M2,M3", factory=tuple, group="calib")
+    image_std: tuple[str, ...] = _opt((), "--std", "image-folder calibration: per-channel std (default ImageNet's)",
+                                      kind="list", metavar="S1,S2,S3", factory=tuple, group="calib")
+    image_layout: str = _opt("NCHW", "--layout", "image-folder calibration: tensor layout", choices=("NCHW", "NHWC"),
+                             group="calib")
 
     # INT8 post-training quantization (lossy; runs last)
     quantize: str | None = _opt(None, "--quantize", "quantize weights and activations", choices=("int8",), group="quantize")
@@ -103,7 +111,7 @@ class CompressOptions:
             raise TypeError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if kwargs.get("passes") is not None:
             kwargs["passes"] = tuple(kwargs["passes"])
-        for key in ("skip", "prune_ignore", "exclude", "quantize_ops"):
+        for key in ("skip", "prune_ignore", "exclude", "quantize_ops", "image_mean", "image_std"):
             if key in kwargs:
                 value = kwargs[key]
                 kwargs[key] = (value,) if isinstance(value, str) else tuple(value)
@@ -139,13 +147,27 @@ class CompressOptions:
             if unknown:
                 raise ValueError(f"--quantize-ops: cannot quantize {', '.join(unknown)}; "
                                  f"supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
+        self.image_preprocessing()  # raises ValueError for bad --image-size/--mean/--std
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"--smooth must be in [0, 1], got {self.smooth}")
-        for name in ("importance", "calib_method", "activations", "target", "quantize"):
+        for name in ("importance", "calib_method", "activations", "target", "quantize", "image_layout"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    def image_preprocessing(self):
+        """How a folder of images given as ``--calib`` becomes input tensors."""
+        from .passes.calibration import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
+
+        def floats(values, flag, default):
+            try:
+                return tuple(float(v) for v in values) if values else default
+            except ValueError:
+                raise ValueError(f"{flag} takes comma-separated numbers, got {','.join(values)!r}") from None
+
+        return ImagePreprocessing(image_size=self.image_size, mean=floats(self.image_mean, "--mean", IMAGENET_MEAN),
+                                  std=floats(self.image_std, "--std", IMAGENET_STD), layout=self.image_layout)
 
     @property
     def prunes(self) -> bool:

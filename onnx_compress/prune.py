@@ -32,6 +32,7 @@ Options (keyword-only, one per CLI flag):
   ``latency_aware=False`` (:mod:`onnx_compress.dependency_graph.strategy`);
 * ``round_to``, ``ignore``: see :mod:`onnx_compress.dependency_graph.strategy` / ``.graph``;
 * ``calib``: an ``.npz`` keyed by input name (stacked on axis 0), a folder of ``.npz`` feeds, a
+  folder of images (made into tensors by ``calib_preprocessing``, an ``ImagePreprocessing``), a
   dict of arrays or an iterable of feed dicts (loaded by
   :func:`onnx_compress.passes.calibration.load_calibration`; give a list, not a generator, when
   both ``activation`` and ``reconstruct`` need it: it is read twice);
@@ -292,12 +293,12 @@ def list_groups(model: Any, *, ignore: Iterable[str] = ()) -> list[GroupReport]:
     return [_group_report(g, None) for g in dg.groups]
 
 
-def _calibration(calib: Any, model: onnx.ModelProto, limit: int | None):
+def _calibration(calib: Any, model: onnx.ModelProto, limit: int | None, preprocessing: Any = None):
     from .passes.calibration import load_calibration
 
     inits = {t.name for t in model.graph.initializer}
     names = [vi.name for vi in model.graph.input if vi.name not in inits]
-    return load_calibration(calib, input_names=names, limit=limit)
+    return load_calibration(calib, input_names=names, limit=limit, preprocessing=preprocessing)
 
 
 def _stream(model: onnx.ModelProto, calib, names: Sequence[str], *, batch_size: int = 16):
@@ -407,6 +408,7 @@ def prune(
     ignore: Iterable[str] = (),
     calib: Any = None,
     calib_limit: int | None = None,
+    calib_preprocessing: Any = None,
     reconstruct: bool = False,
     global_ranking: bool = False,
     max_group_ratio: float = 0.9,
@@ -432,7 +434,7 @@ def prune(
     original, dg = _lift(model, _check_ignore(ignore))
     before = model_stats(original)
     working = to_model(dg.graph, like=original) if calib is not None else None  # before any slicing
-    data = _calibration(calib, original, calib_limit) if calib is not None else None
+    data = _calibration(calib, original, calib_limit, calib_preprocessing) if calib is not None else None
     activations, samples = None, 0
     if importance == "activation":
         activations, samples = _activation_means(dg, working, data)

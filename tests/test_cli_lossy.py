@@ -68,6 +68,22 @@ def test_quantize_ops_limits_what_is_quantized(tiny_cnn_path, tmp_path, calib_np
         assert (producers.get(n.input[1]) == "DequantizeLinear") == (n.op_type == "Conv"), n.name
 
 
+def test_image_folder_calibration_with_preprocessing_flags(tiny_cnn_path, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    rc = main([str(tiny_cnn_path), str(out), "--quantize", "int8", "--calib", str(folder), "--image-size", "32",
+               "--mean", "0.5,0.5,0.5", "--std", "0.25", "--report", str(report), "-q"])
+    assert rc == EXIT_OK
+    assert json.loads(report.read_text())["quantization"] is not None
+    assert op_count(onnx.load(str(out)), "QuantizeLinear") > 0
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -78,6 +94,8 @@ def test_quantize_ops_limits_what_is_quantized(tiny_cnn_path, tmp_path, calib_np
         ["--fuse", "--quantize", "int8", "--calib", "calib.npz"],
         ["--quantize", "int8", "--calib", "calib.npz", "--quantize-ops", "Conv,Softmax"],
         ["--quantize", "int8", "--calib", "calib.npz", "--smooth", "1.5"],
+        ["--quantize", "int8", "--calib", "calib.npz", "--mean", "0.5,x"],
+        ["--quantize", "int8", "--calib", "calib.npz", "--image-size", "0"],
     ],
 )
 def test_lossy_usage_errors_exit_2_and_write_nothing(tiny_cnn_path, tmp_path, args, capsys):

@@ -10,7 +10,10 @@ Two quantizers make the QDQ graph:
 
 (a) ORT's ``quant_pre_process`` + ``quantize_static`` (QDQ, u8 activations, s8 per-channel
     weights, ``reduce_range``), calibrated on 8 real photos (``tests.real_models.imagenet_batch``);
-(b) ``onnx_compress.quantize.quantize`` (its defaults), calibrated on the same photos.
+(b) ``onnx_compress.quantize.quantize`` (its defaults but nearest weight rounding), calibrated on
+    the same photos. It leaves the classifier Gemm's output (the logits) float, so that Gemm is
+    the plan's one float island (ORT itself, on the dequantized integer input); the one-step
+    bound is then checked on that last quantized tensor, and top-1 on the logits.
 
 The issue's bound, checked on all 40 photo views (20 photos and their mirror images):
 
@@ -18,8 +21,9 @@ The issue's bound, checked on all 40 photo views (20 photos and their mirror ima
   99.9 % of the logits, and
 * ``argmax numba == argmax ref`` on 100 % of the views,
 
-paired with structural assertions: every step of the plan is an integer step (no float island),
-and every Conv of the float model became a quantized Conv kernel step.
+paired with structural assertions: every step of the plan is an integer step (no float island;
+for (b), none but the float classifier), and every Conv of the model is a quantized Conv kernel
+step.
 
 Why one step is the right bound: each requantization is ``q = clamp(rne(acc * m) + z)``, where
 numba accumulates in int32 exactly and rounds once in float32, and ORT accumulates the dequantized
@@ -113,7 +117,9 @@ def resnet18_ours_qdq(resnet18_float):
 
     calib = np.asarray(RM.imagenet_batch(flips=False))[:N_CALIB]
     try:
-        model, _ = quantize(str(resnet18_float), {"input": calib}, report_kernels=False)
+        # nearest rounding: the same graph as the default GPTQ rounding (which only moves weight
+        # values) at a tenth of the time (measured here: 32 s vs 314 s wall, 12 s vs 182 s CPU)
+        model, _ = quantize(str(resnet18_float), {"input": calib}, report_kernels=False, weight_rounding="nearest")
     except Exception as exc:  # the quantizer is developed elsewhere; its failure is not this test's
         pytest.skip(f"onnx_compress.quantize failed: {type(exc).__name__}: {exc}")
     return model
