@@ -138,10 +138,7 @@ def _quantize(model: onnx.ModelProto, opts: CompressOptions):
         activations=opts.activations,
         symmetric=opts.symmetric,
         per_channel=not opts.per_tensor,
-        # The numba back end widens to int16 and cannot saturate: full 8-bit weights. ONNX
-        # Runtime's u8s8 kernels saturate without VNNI unless weights have 7 bits.
-        weight_bits=8 if opts.target == "numba" else 7,
-        target="trt" if opts.target == "trt" else "ort",
+        target=opts.target,  # numba: 8-bit weights (its kernels cannot saturate); ort: 7-bit (AVX2 u8s8 can)
         exclude=opts.exclude,
         cle=opts.cle,
         bias_correction=opts.bias_correction,

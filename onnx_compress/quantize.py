@@ -237,7 +237,8 @@ def quantize(
     ``target``: ``ort`` (ONNX Runtime CPU integer kernels) or ``trt`` (TensorRT explicit
     quantization; implies s8 symmetric activations and 8-bit weights, overriding ``activations``,
     ``symmetric``, ``weight_bits`` and ``depthwise_weight_bits``; see
-    :mod:`~onnx_compress.passes.insert_qdq`).
+    :mod:`~onnx_compress.passes.insert_qdq`), or ``numba`` (the ``ort`` form with 8-bit weights
+    everywhere: the Numba kernels accumulate exactly and never saturate).
     ``smooth``: SmoothQuant migration strength ``alpha`` (e.g. 0.5) for the inputs of MatMuls with
     a constant weight (:mod:`~onnx_compress.passes.smooth_activations`; exact in float, computed
     on the calibration part); None (default) leaves them as they are. For transformers:
@@ -259,6 +260,8 @@ def quantize(
         raise ValueError(f"cannot quantize op type(s) {unknown}; supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
     if target == "trt":
         activations, symmetric, weight_bits, depthwise_weight_bits = "s8", True, 8, 8
+    elif target == "numba":  # ONNX Runtime's QDQ form; the Numba kernels cannot saturate: 8-bit weights
+        target, weight_bits, depthwise_weight_bits = "ort", 8, 8
     config = QuantConfig(
         target=target, activations=activations, symmetric=symmetric, per_channel=per_channel, weight_bits=weight_bits,
         depthwise_weight_bits=depthwise_weight_bits, op_types=frozenset(op_types) if op_types is not None else DEFAULT_OP_TYPES, exclude=tuple(exclude),

@@ -68,6 +68,20 @@ def test_quantize_ops_limits_what_is_quantized(tiny_cnn_path, tmp_path, calib_np
         assert (producers.get(n.input[1]) == "DequantizeLinear") == (n.op_type == "Conv"), n.name
 
 
+def test_target_numba_uses_full_8_bit_weights(tiny_cnn, calib_npz):
+    def weight_codes(model):
+        producers = {o: n for n in model.graph.node for o in n.output}
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        convs = [n for n in model.graph.node if n.op_type == "Conv"  # depthwise ones are 8-bit for both
+                 and not any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        return np.concatenate([inits[producers[c.input[1]].input[0]].ravel().astype(np.int16) for c in convs])
+
+    ort_codes = weight_codes(onnx_compress.compress(tiny_cnn, quantize="int8", calib=str(calib_npz)))
+    numba_codes = weight_codes(onnx_compress.compress(tiny_cnn, quantize="int8", calib=str(calib_npz), target="numba"))
+    assert np.abs(ort_codes).max() <= 64  # 7-bit: safe from the AVX2 u8s8 int16 saturation
+    assert np.abs(numba_codes).max() == 127  # symmetric per-channel 8-bit: the largest weight maps to 127
+
+
 def test_image_folder_calibration_with_preprocessing_flags(tiny_cnn_path, tmp_path):
     from PIL import Image
 
