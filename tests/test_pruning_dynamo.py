@@ -156,6 +156,39 @@ def test_c2f_chunk_exports_split(dynamo_model):
     _check_c2f(model)
 
 
+def test_castlike_expand_bias_regression():
+    """The raw dynamo bias of a bias-less Conv, ``Expand(CastLike(0, r), [C])``, hand-built (no
+    exporter, fast). ``CastLike``'s ``like`` operand carries only a type, and the Expand axis created
+    from the scalar is pruned by shrinking its constant target entry; both used to freeze."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (16, 3, 1, 1)), ("w2", (8, 16, 3, 3)), ("w3", (4, 8, 1, 1)))]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array([8], np.int64), "target")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu1"),
+        helper.make_node("CastLike", ["zero", "r"], ["zero_like"], name="castlike"),
+        helper.make_node("Expand", ["zero_like", "target"], ["bias"], name="expand"),
+        helper.make_node("Conv", ["r", "w2", "bias"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["b"], ["h"], name="hsig"),  # f(0) != 0: masking is exact only at c3
+        helper.make_node("Conv", ["h", "w3"], ["y"], name="c3"),
+    ]
+    graph = helper.make_graph(nodes, "castlike_bias",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    pruned, report = check_pruned(model, 0.5, round_to=1)
+    assert [g.kept for g in report.groups if not g.frozen] and not any(
+        "CastLike" in r or "Expand" in r for g in report.groups for r in g.reasons)
+    w = weights(pruned)
+    assert w["w1"].shape[0] == 8 and w["w2"].shape == (4, 8, 3, 3) and w["w3"].shape[1] == 4
+    expand = next(n for n in pruned.graph.node if n.op_type == "Expand")
+    assert [int(v) for v in w[expand.input[1]]] == [4]  # the target entry follows the kept count
+
+
 # ---------------------------------------------------------------------------------------------
 # slow: the rest of the architectures
 
