@@ -9,7 +9,9 @@ Two measurements, each against the unpruned model in the same run:
   - ``l1``: group-summed weight magnitude;
   - ``activation``: mean ``|x|`` of what the next layer reads, measured on the calibration views;
   - ``l1+reconstruct``: l1 choice, then the consumers of removed channels refitted by ridge least
-    squares on the calibration views (``reconstruct=True``).
+    squares on the calibration views (``reconstruct=True``), shrunk toward the plain pruned weights;
+  - ``l1+reconstruct1``: the same with round 1 only (``reconstruct_rounds=1``): each layer fitted
+    on the original model's activations, without the joint second round on the pruned model's.
 
   The real photos (:func:`tests.real_models.photo_paths`, 20 bundled with scikit-image and
   scikit-learn) are split by a seeded permutation into *evaluation* photos and *calibration*
@@ -53,7 +55,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 METHODS = (("l1", {"importance": "l1"}), ("activation", {"importance": "activation"}),
-           ("l1+reconstruct", {"importance": "l1", "reconstruct": True}))
+           ("l1+reconstruct", {"importance": "l1", "reconstruct": True}),
+           ("l1+reconstruct1", {"importance": "l1", "reconstruct": True, "reconstruct_rounds": 1}))
 
 
 def _session(model: onnx.ModelProto, threads: int = 2):
