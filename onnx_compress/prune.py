@@ -414,6 +414,7 @@ def prune(
     ridge: float = 1e-3,
     rows_per_sample: int | None = 64,
     reconstruct_rounds: int = 2,
+    refit_ridge: float = 1e-3,
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune ``model``; returns (model, report). See the module docstring for the options."""
@@ -457,7 +458,7 @@ def prune(
             write_fit(dg.graph, f, w, b)
             refitted.append(f.node.name)
         for _ in range(1, reconstruct_rounds if fits else 1):
-            _refit_on_pruned(dg, working, original, data, fits, ridge=ridge, rows_per_sample=rows_per_sample, seed=seed)
+            _refit_on_pruned(dg, working, original, data, fits, ridge=refit_ridge, rows_per_sample=rows_per_sample, seed=seed)
         result = _export(dg, original)
     else:
         result = onnx.ModelProto()
