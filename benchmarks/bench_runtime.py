@@ -8,35 +8,36 @@ Models
       ``quantize_static`` (QDQ, per-channel s8 weights, ``reduce_range``, u8 activations),
       calibrated on 8 real photos. The QDQ file is cached beside the float export.
 
-Contestants (interleaved per repeat so that load drift hits all alike; ``--threads``, default 2)
+Contestants (``--threads``, default 2), each **in a process of its own** (``benchmarks/isolated.py``:
+two engines in one process slow each other down, because ORT's worker threads spin after a run
+and so do Numba's OpenMP threads; measured there), ``--rounds`` rounds alternating the three:
     * ``numba``      : ``onnx_compress.runtime.Session(qdq, backend="numba", threads=T)``
     * ``ort_int8``   : ORT on the same QDQ model, ``ORT_ENABLE_ALL`` (fully fused QLinearConv, u8
       activations), ``intra_op_num_threads=T``
     * ``ort_fp32``   : ORT on the float export, ``ORT_ENABLE_ALL``, ``intra_op_num_threads=T``
 
-Figures: for batch 1 and 8, medians (and p90) of ``--repeats`` (>= 20) runs after ``--warmup``
-runs; the ratios numba / ort_int8 (target <= 1.3) and numba / ort_fp32 (target <= 0.7). Next to
-the wall times, the median process CPU time of one run (``time.process_time``: all threads of
-this process, ORT's pool and Numba's included), which a loaded machine distorts far less.
+Figures: for batch 1 and 8, medians (and p90) of all ``--rounds`` x ``--repeats`` timed runs (each
+process first makes ``--warmup`` untimed runs); the ratios numba / ort_int8 (target <= 1.3) and
+numba / ort_fp32 (target <= 0.7). Next to the wall times, the median process CPU time of one run
+(``time.process_time``: all threads of that process), which a loaded machine distorts far less.
+``--isolation interleaved`` is the older method (the three in this process, runs interleaved).
 
 Cold start: ``load + first batch-1 run`` of the numba back end in a fresh subprocess, once with an
 empty ``NUMBA_CACHE_DIR`` (everything JIT-compiled) and once more with that now-filled cache
 (compiled code loaded from disk); ORT's load + first run of the QDQ model for comparison.
 
 Threads: Numba's ``parallel=True`` kernels run on its OpenMP layer (GNU libgomp here), whose
-threads by default *spin* between parallel regions. On a shared, oversubscribed machine (load
-average 10 on 2 cores) the spinning threads take the cores from the ones with work: measured here,
-MobileNetV2 batch 1 at 2 threads took 580-720 ms (285 ms of CPU) with the default policy and
-38-42 ms (17-18 ms of CPU) with ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once), against 27-50 ms for
-ORT's own pool (which lets the calling thread take the work no worker has started). The script
-therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before any kernel runs (``--omp-wait-policy``;
-``inherit`` keeps the environment); on an idle machine spinning is slightly faster. ORT does not
-use OpenMP, so the setting does not touch the ORT contestants.
+threads by default *spin* for a while between parallel regions, as ORT's do. Each engine keeps its
+default here (``--omp-wait-policy inherit``). On a shared, oversubscribed machine (load average 10
+on 2 cores) spinning threads take the cores from the ones with work: measured there, MobileNetV2
+batch 1 at 2 threads took 580-720 ms (285 ms of CPU) with the default policy and 38-42 ms with
+``OMP_WAIT_POLICY=PASSIVE`` (sleep at once); ``--omp-wait-policy passive`` sets that for the Numba
+processes. ORT does not use OpenMP, so the setting does not touch the ORT contestants.
 
 Usage: ``python benchmarks/bench_runtime.py [--models resnet18 mobilenet_v2] [--batches 1 8]
-[--repeats 20] [--warmup 3] [--threads 2] [--omp-wait-policy passive] [--json out.json]``. Prints a table; the machine's load
-average is recorded before and after, because on a shared machine absolute milliseconds mean
-little -- quote the ratios of the interleaved runs.
+[--repeats 20] [--rounds 3] [--warmup 3] [--threads 2] [--omp-wait-policy inherit|passive|active]
+[--json out.json]``. Prints a table; the machine's load average is recorded before and after,
+because on a shared machine absolute milliseconds mean little -- quote the ratios.
 """
 
 from __future__ import annotations
@@ -109,7 +110,36 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _ratios(med: dict, med_cpu: dict) -> dict:
+    return {
+        "numba_over_ort_int8_cpu": med_cpu["numba"] / med_cpu["ort_int8"],
+        "numba_over_ort_int8": med["numba"] / med["ort_int8"],
+        "numba_over_ort_fp32": med["numba"] / med["ort_fp32"],
+        "ort_int8_over_ort_fp32": med["ort_int8"] / med["ort_fp32"],
+    }
+
+
+def bench_model_isolated(name: str, cache: Path, batches, repeats: int, warmup: int, threads: int,
+                         rounds: int) -> dict:
+    """The three contestants, each in processes of its own, alternated ``rounds`` times."""
+    from benchmarks.isolated import side_by_side
+
+    qdq, fp32 = qdq_model(name, cache), float_model(name, cache)
+    contestants = {"numba": {"path": qdq, "backend": "numba", "threads": threads},
+                   "ort_int8": {"path": qdq, "backend": "onnxruntime", "threads": threads},
+                   "ort_fp32": {"path": fp32, "backend": "onnxruntime", "threads": threads}}
+    result = {}
+    for batch in batches:
+        got = side_by_side(contestants, batch=batch, warmup=warmup, repeats=repeats, rounds=rounds)
+        med = {k: v["median_s"] * 1e3 for k, v in got.items()}
+        med_cpu = {k: v["median_cpu_s"] * 1e3 for k, v in got.items()}
+        result[f"batch{batch}"] = {"median_ms": med, "p90_ms": {k: v["p90_s"] * 1e3 for k, v in got.items()},
+                                   "median_cpu_ms": med_cpu, **_ratios(med, med_cpu)}
+    return result
+
+
 def bench_model(name: str, cache: Path, batches, repeats: int, warmup: int, threads: int) -> dict:
+    """The older method: the three contestants in this process, runs interleaved."""
     from onnx_compress.runtime import Session
 
     qdq, fp32 = qdq_model(name, cache), float_model(name, cache)
@@ -139,10 +169,7 @@ def bench_model(name: str, cache: Path, batches, repeats: int, warmup: int, thre
             "median_ms": med,
             "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
             "median_cpu_ms": med_cpu,
-            "numba_over_ort_int8_cpu": med_cpu["numba"] / med_cpu["ort_int8"],
-            "numba_over_ort_int8": med["numba"] / med["ort_int8"],
-            "numba_over_ort_fp32": med["numba"] / med["ort_fp32"],
-            "ort_int8_over_ort_fp32": med["ort_int8"] / med["ort_fp32"],
+            **_ratios(med, med_cpu),
         }
     return result
 
@@ -183,11 +210,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated processes per contestant")
+    parser.add_argument("--isolation", choices=["process", "interleaved"], default="process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="inherit",
                         help="OMP_WAIT_POLICY for Numba's OpenMP threads (set before they start; 'inherit' leaves "
                              "the environment alone). See the module docstring.")
     args = parser.parse_args(argv)
@@ -196,13 +225,19 @@ def main(argv=None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     report = {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "omp_wait_policy": wait,
+              "isolation": args.isolation, "rounds": args.rounds,
               "load_average_before": os.getloadavg()[0], "models": {}}
     print(f"threads={args.threads} repeats={args.repeats} warmup={args.warmup} OMP_WAIT_POLICY={wait} "
+          f"isolation={args.isolation} rounds={args.rounds} "
           f"load_avg={os.getloadavg()[0]:.1f}")
     print(f"{'model':14s}{'batch':>6s}{'numba ms':>11s}{'ort_int8 ms':>13s}{'ort_fp32 ms':>13s}"
           f"{'nb/int8':>9s}{'nb/fp32':>9s}{'int8/fp32':>10s}   cpu ms numba/int8/fp32 (nb/int8)")
     for name in args.models:
-        res = bench_model(name, args.cache, args.batches, args.repeats, args.warmup, args.threads)
+        if args.isolation == "process":
+            res = bench_model_isolated(name, args.cache, args.batches, args.repeats, args.warmup, args.threads,
+                                       args.rounds)
+        else:
+            res = bench_model(name, args.cache, args.batches, args.repeats, args.warmup, args.threads)
         for key, r in res.items():
             m, c = r["median_ms"], r["median_cpu_ms"]
             print(f"{name:14s}{key[5:]:>6s}{m['numba']:11.1f}{m['ort_int8']:13.1f}{m['ort_fp32']:13.1f}"

@@ -25,7 +25,12 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   ``(x - z_x)(w - z_w)`` is an integer of magnitude <= 255*255 and every partial sum of at most
   258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
   3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
-  conversion back to an integer. Channel multipliers > 1 use the generic int32 kernel.
+  conversion back to an integer. Stride-1 3x3/5x5 with channels a multiple of 16 (MobileNet's
+  depthwise layers) take ``_conv_depthwise_rows_kernel`` instead: each output row's input rows are
+  converted once to float32 ``x - z_x`` in a zero-padded buffer and ``microkernel.dw_row*``
+  sweeps the row with the weights held in registers (1.2-1.7x the per-pixel kernel measured here
+  single-threaded; not faster at stride 2, where each row is converted for fewer outputs).
+  Channel multipliers > 1 use the generic int32 kernel.
 
 Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
 
@@ -201,6 +206,44 @@ def _conv_depthwise_f32_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo,
                 out[ob + ab + c] = requant(np.int64(acc[ab + c]) + bias[c], mult[c], y_zp, lo, hi) & 0xFF
 
 
+@jit_parallel
+def _conv_depthwise_rows_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo, rows_per_task, out):
+    """Depthwise 3x3 / 5x5, channels a multiple of 16, NHWC, flat arrays: for each output row, the
+    ``KH`` input rows it reads are converted once to float32 ``x - z_x`` in a zero-padded private
+    buffer (padding holds the real value 0, so no tap needs a bounds check), then
+    ``microkernel.dw_row*`` sweeps the row 16 channels at a time with the weights in registers.
+    Exact in float32 for the reason given in ``_conv_depthwise_f32_kernel``."""
+    n_b, h, w, c_n, oh_n, ow_n = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    kh_n, kw_n, sh, sw, pt, pl, dh, dw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    zf = np.float32(x_zp)
+    wp = max(w + pl, (ow_n - 1) * sw + (kw_n - 1) * dw + 1)  # padded row width in pixels
+    rl = wp * c_n
+    wc = w * c_n
+    n_rt = (oh_n + rows_per_task - 1) // rows_per_task
+    for t in prange(n_b * n_rt):
+        n = t // n_rt
+        oh0 = (t % n_rt) * rows_per_task
+        oh1 = min(oh_n, oh0 + rows_per_task)
+        rows = np.zeros(kh_n * rl, np.float32)
+        for oh in range(oh0, oh1):
+            for kh in range(kh_n):
+                ih = oh * sh - pt + kh * dh
+                d = kh * rl + pl * c_n
+                if ih < 0 or ih >= h:
+                    for i in range(wc):
+                        rows[d + i] = np.float32(0.0)
+                else:  # wc is a multiple of 16 (channels are)
+                    mk.to_f32_minus(rows, d, x, (n * h + ih) * wc, wc // 16, zf)
+            ob = (n * oh_n + oh) * ow_n * c_n
+            for cb in range(0, c_n, 16):
+                if kh_n == 3:
+                    mk.dw_row3x3_16(rows, cb, rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb, y_zp, lo, hi,
+                                    out, ob + cb, c_n)
+                else:
+                    mk.dw_row5x5_16(rows, cb, rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb, y_zp, lo, hi,
+                                    out, ob + cb, c_n)
+
+
 @dataclass(frozen=True)
 class QConvParams:
     """Everything constant about one quantized convolution, validated and packed once."""
@@ -326,6 +369,8 @@ def _plan(params: QConvParams, x: np.ndarray) -> tuple:
             params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
         dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], shape[1], shape[2]], np.int64)
         geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
+        if params.kernel_shape in ((3, 3), (5, 5)) and (sh, sw) == (1, 1) and params.in_channels % 16 == 0:
+            return shape, "dw_rows", (dims, geo, max(1, shape[1] // 8))
         return shape, "dw_f32", (dims, geo)
     return shape, params.kind, None
 
@@ -357,6 +402,10 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
                                    params.y_zp, params.lo, params.hi, extra[0], extra[1],
                                    y.view(np.uint8).reshape(-1))
         return y
+    if path == "dw_rows":
+        _conv_depthwise_rows_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
+                                    params.y_zp, params.lo, params.hi, *extra, y.view(np.uint8).reshape(-1))
+        return y
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]
     dh, dw = params.dilations
@@ -378,6 +427,29 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
         _conv_direct_kernel(x, params.x_zp, params.packed_w, params.bias, params.multiplier, params.y_zp,
                             params.lo, params.hi, sh, sw, pt, pl, dh, dw, y.view(np.uint8))
     return y
+
+
+def bind_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray, *, scratch: np.ndarray | None = None):
+    """Validate once and return a zero-argument callable that runs this convolution from exactly
+    these buffers (``x`` read, ``out`` written, both C-contiguous NHWC; see ``run_qconv`` for
+    ``scratch``), equal to ``run_qconv(params, x, out, scratch=scratch)`` but without the per-call
+    checks -- for callers that run the same shapes from the same buffers many times."""
+    check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
+    plan = params.plans.get(x.shape)
+    if plan is None:
+        plan = params.plans[x.shape] = _plan(params, x)
+    shape, path, extra = plan
+    check_out("out", out, shape, params.y_dtype)
+    if not (x.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("bind_qconv needs C-contiguous x and out")
+    if path == "fast":
+        return igemm.bind(params.fast, extra, x, out)
+    if path in ("dw_f32", "dw_rows"):
+        call = (x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier, params.y_zp, params.lo,
+                params.hi, *extra, out.view(np.uint8).reshape(-1))
+        kernel = _conv_depthwise_f32_kernel if path == "dw_f32" else _conv_depthwise_rows_kernel
+        return lambda: kernel(*call)
+    return lambda: run_qconv(params, x, out, scratch=scratch)
 
 
 def qlinear_conv(

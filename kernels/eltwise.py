@@ -129,6 +129,23 @@ def run_qbinary(params: QBinaryParams, a: np.ndarray, b: np.ndarray, out: np.nda
     return out
 
 
+def bind_qbinary(params: QBinaryParams, a: np.ndarray, b: np.ndarray, out: np.ndarray):
+    """Validate once and return a zero-argument callable equal to ``run_qbinary(params, a, b, out)``
+    on exactly these buffers, without the per-call checks (equal C-contiguous shapes; anything
+    else falls back to ``run_qbinary``)."""
+    check_array("a", a, dtypes=(params.a_dtype,))
+    check_array("b", b, dtypes=(params.b_dtype,))
+    if not (a.shape == b.shape and a.flags.c_contiguous and b.flags.c_contiguous):
+        return lambda: run_qbinary(params, a, b, out)
+    check_out("out", out, a.shape, params.y_dtype)
+    if not out.flags.c_contiguous:
+        return lambda: run_qbinary(params, a, b, out)
+    call = (params.op, a.reshape(-1), params.sa, params.za, b.reshape(-1), params.sb, params.zb, params.sy, params.zy,
+            params.lo, params.hi, out.view(np.uint8).reshape(-1))
+    kernel = _qdq_binary_kernel
+    return lambda: kernel(*call)
+
+
 def _binary(op, a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, out_range, out=None):
     check_array("a", a)
     check_array("b", b)

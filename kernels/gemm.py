@@ -147,6 +147,20 @@ def run_qgemm(params: QGemmParams, a: np.ndarray, out: np.ndarray | None = None)
     return y
 
 
+def bind_qgemm(params: QGemmParams, a: np.ndarray, out: np.ndarray):
+    """Validate once and return a zero-argument callable equal to ``run_qgemm(params, a, out)`` on
+    exactly these C-contiguous buffers, without the per-call checks."""
+    check_array("a", a, dtypes=(params.a_dtype,))
+    if a.ndim < 1 or a.shape[-1] != params.k:
+        raise ValueError(f"a must have last dimension {params.k}, got shape {a.shape}")
+    check_out("out", out, a.shape[:-1] + (params.n,), params.y_dtype)
+    if params.fast is None or not (a.flags.c_contiguous and out.flags.c_contiguous):
+        return lambda: run_qgemm(params, a, out)
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    x4, y4 = a.reshape(rows, 1, 1, params.k), out.reshape(rows, 1, 1, params.n)
+    return igemm.bind(params.fast, igemm.plan(params.fast, x4.shape, y4.shape), x4, y4)
+
+
 def qlinear_matmul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, bias=None, *, out_range=None):
     """One-shot QLinearMatMul (2-D constant-like ``b``), bit-exact with ``reference.qlinear_matmul``."""
     check_array("a", a)

@@ -245,6 +245,21 @@ def execute(p: IGemmPack, args: tuple, x: np.ndarray, out: np.ndarray) -> None:
                   p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
 
 
+def bind(p: IGemmPack, args: tuple, x: np.ndarray, out: np.ndarray):
+    """A zero-argument callable running ``execute(p, args, x, out)`` on exactly these C-contiguous
+    buffers, with every array argument flattened once (for callers that run the same shapes from
+    the same buffers many times)."""
+    dims, geo, direct, rt_per, pg_per, empty = args
+    if empty:
+        return lambda: None
+    if p.flip:  # int8 activations are flipped into a private buffer on every call
+        return lambda: execute(p, args, x, out)
+    call = (x.view(np.uint8).reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1),
+            p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
+    kernel = _igemm_kernel
+    return lambda: kernel(*call)
+
+
 def run(p: IGemmPack, x: np.ndarray, out: np.ndarray, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> None:
     """Convolve the NHWC ``x`` (uint8/int8, C-contiguous) into the NHWC ``out`` (uint8/int8,
     C-contiguous, shape already checked by the caller) with ``p``'s requantization."""

@@ -541,3 +541,92 @@ def _make_dw_full(kh_n: int, kw_n: int):
 
 dw3x3_16 = _make_dw_full(3, 3)
 dw5x5_16 = _make_dw_full(5, 5)
+
+
+def _make_dw_row(kh_n: int, kw_n: int):
+    """An intrinsic for one output row x 16 channels of a ``kh_n x kw_n`` depthwise convolution read
+    from *float rows*: ``kh_n`` rows of ``x - z_x`` already converted to float32 and zero padded
+    (the padding's real value is 0), so every tap of every pixel is inside. The ``kh_n * kw_n``
+    weight vectors, bias and multipliers are loaded once and stay in registers across the row."""
+
+    @intrinsic
+    def dw_row(typingctx, rows, rb, rs, cs, ps, ow_n, w, wb, wstride, bias, mult, cb, zp, lo, hi, out, ob, os):
+        """Tap (i, j) of output pixel ``p`` at ``rows[rb + i*rs + j*cs + p*ps : +16]``; weights of tap
+        t at ``w[wb + t*wstride : +16]``; bias/mult at ``cb``; the 16 bytes of pixel ``p`` at
+        ``out[ob + p*os]``."""
+        sig = types.void(rows, rb, rs, cs, ps, ow_n, w, wb, wstride, bias, mult, cb, zp, lo, hi, out, ob, os)
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+
+            def i64(i):
+                return context.cast(builder, args[i], t[i], types.int64)
+
+            rb, rs, cs, ps, n, wb, wst, cb, ob, ostep = (i64(i) for i in (1, 2, 3, 4, 5, 7, 8, 11, 16, 17))
+            zp, lo, hi = i64(12), i64(13), i64(14)
+            taps = [(i, j) for i in range(kh_n) for j in range(kw_n)]
+            wv = [builder.load(_elem_ptr(context, builder, t[6], args[6],
+                                         builder.add(wb, builder.mul(wst, ir.Constant(_I64, k))), _VF), align=4)
+                  for k in range(len(taps))]
+            tap_off = [builder.add(builder.mul(rs, ir.Constant(_I64, i)), builder.mul(cs, ir.Constant(_I64, j)))
+                       for i, j in taps]
+            bias_v = builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VI), align=4)
+            mult_v = builder.load(_elem_ptr(context, builder, t[10], args[10], cb, _VF), align=4)
+            lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
+            hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
+            zp_v = _splat(builder, builder.trunc(zp, _I32), _VI)
+            rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+            with cgutils.for_range(builder, n) as loop:
+                p = loop.index
+                base = builder.add(rb, builder.mul(p, ps))
+                fma = _intrinsic_fn(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
+                prods = []  # one fused multiply-add chain per kernel row, then their sum
+                for i in range(kh_n):
+                    chain = None
+                    for j in range(kw_n):
+                        k = i * kw_n + j
+                        xv = builder.load(_elem_ptr(context, builder, t[0], args[0], builder.add(base, tap_off[k]),
+                                                    _VF), align=4)
+                        chain = builder.fmul(xv, wv[k]) if chain is None else builder.call(fma, [xv, wv[k], chain])
+                    prods.append(chain)
+                while len(prods) > 1:  # exact in any order and fused or not: integers below 2**24
+                    prods = [builder.fadd(prods[k], prods[k + 1]) if k + 1 < len(prods) else prods[k]
+                             for k in range(0, len(prods), 2)]
+                acc = builder.add(builder.fptosi(prods[0], _VI), bias_v)
+                v = builder.fmul(builder.sitofp(acc, _VF), mult_v)
+                v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+                v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+                q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), zp_v)
+                po = _elem_ptr(context, builder, t[15], args[15], builder.add(ob, builder.mul(p, ostep)), _VB)
+                builder.store(builder.trunc(q, _VB), po, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dw_row
+
+
+dw_row3x3_16 = _make_dw_row(3, 3)
+dw_row5x5_16 = _make_dw_row(5, 5)
+
+
+@intrinsic
+def to_f32_minus(typingctx, dst, d_off, x, x_off, n16, zf):
+    """``dst[d_off + i] = float32(x[x_off + i]) - zf`` for ``i < 16 * n16`` (uint8 or int8 ``x``,
+    float32 ``dst``), 16 elements per vector step."""
+    sig = types.void(dst, d_off, x, x_off, n16, zf)
+    signed = x.dtype == types.int8
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        do, xo, n = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 3, 4))
+        zf_v = _splat(builder, context.cast(builder, args[5], t[5], types.float32), _VF)
+        with cgutils.for_range(builder, n) as loop:
+            k = builder.mul(loop.index, ir.Constant(_I64, 16))
+            xv = builder.load(_elem_ptr(context, builder, t[2], args[2], builder.add(xo, k), _VB), align=1)
+            xi = builder.sext(xv, _VI) if signed else builder.zext(xv, _VI)
+            builder.store(builder.fsub(builder.sitofp(xi, _VF), zf_v),
+                          _elem_ptr(context, builder, t[0], args[0], builder.add(do, k), _VF), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

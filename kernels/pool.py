@@ -182,6 +182,25 @@ def average_pool(x, x_scale, x_zp, y_scale, y_zp, kernel_shape, *, strides=(1, 1
     return from_nhwc(out, layout)
 
 
+def bind_global_average_pool(x, x_scale, x_zp, y_scale, y_zp, out, *, out_range=None):
+    """Validate once and return a zero-argument callable equal to ``global_average_pool(x, ...,
+    layout="NHWC", out=out)`` on exactly these NHWC buffers, without the per-call checks."""
+    check_array("x", x, ndim=4)
+    if np.asarray(x_zp).dtype != x.dtype:
+        raise TypeError(f"x_zero_point dtype {np.asarray(x_zp).dtype} differs from x's dtype {x.dtype}")
+    zx = int(check_zero_point("x_zero_point", x_zp)[0])
+    zy = int(check_zero_point("y_zero_point", y_zp)[0])
+    lo, hi = check_out_range(out_range, np.asarray(y_zp).dtype)
+    ratio = _scale_ratio(x_scale, y_scale)
+    n, h, w, c = x.shape
+    if h * w == 0:
+        raise ValueError(f"x must have a non-empty spatial plane, got shape {x.shape}")
+    check_out("out", out, (n, 1, 1, c), np.asarray(y_zp).dtype)
+    y = out.view(np.uint8)
+    kernel = _global_avg_pool_kernel
+    return lambda: kernel(x, zx, ratio, zy, lo, hi, y)
+
+
 def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, *, out_range=None, layout="NCHW", out=None) -> np.ndarray:
     """GlobalAveragePool in QDQ form (output ``(N, C, 1, 1)`` or ``(N, 1, 1, C)``)."""
     check_layout(layout)

@@ -32,6 +32,27 @@ def _quantize_kernel(x3, scale, zp, lo, hi, out3):
 
 
 @jit_parallel
+def _quantize_to_nhwc_kernel(x4, scale, zp, lo, hi, out4):
+    """Per-tensor QuantizeLinear of an NCHW float32 tensor written straight into NHWC order (the
+    runtime's layout): one pass instead of quantize-then-transpose, parallel over ``N * H`` rows."""
+    n_b, c_n, h, w = x4.shape
+    lo_f = np.float32(lo - zp)
+    hi_f = np.float32(hi - zp)
+    for r in prange(n_b * h):
+        n = r // h
+        i = r % h
+        row = np.empty((c_n, w), np.uint8)  # contiguous per channel: the division loop vectorises
+        for c in range(c_n):
+            src = x4[n, c, i]
+            dst = row[c]
+            for j in range(w):
+                dst[j] = (rne_clamped(src[j] / scale, lo_f, hi_f) + zp) & 0xFF
+        for j in range(w):
+            for c in range(c_n):
+                out4[n, i, j, c] = row[c, j]
+
+
+@jit_parallel
 def _dequantize_kernel(q3, scale, zp, out3):
     outer, c_n, inner = q3.shape
     for r in prange(outer * c_n):
@@ -78,6 +99,22 @@ def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None, out=
     lo, hi = check_out_range(out_range, dtype)
     out = check_out("out", out, x.shape, dtype)
     _quantize_kernel(x3, s, z, lo, hi, out.view(np.uint8).reshape(x3.shape))
+    return out
+
+
+def quantize_linear_to_nhwc(x, scale, zero_point, *, out_range=None, out=None) -> np.ndarray:
+    """Per-tensor ONNX QuantizeLinear of a 4-D NCHW float32 ``x``, returned in NHWC order:
+    ``quantize_linear(x, scale, zero_point).transpose(0, 2, 3, 1)``, bit for bit, in one pass."""
+    check_array("x", x, dtypes=(np.float32,), ndim=4)
+    if np.ndim(scale) != 0 or np.ndim(zero_point) != 0:
+        raise ValueError("quantize_linear_to_nhwc takes a per-tensor (scalar) scale and zero_point")
+    s = check_scale("scale", scale)
+    z = check_zero_point("zero_point", zero_point)
+    dtype = np.asarray(zero_point).dtype
+    lo, hi = check_out_range(out_range, dtype)
+    n, c, h, w = x.shape
+    out = check_out("out", out, (n, h, w, c), dtype)
+    _quantize_to_nhwc_kernel(x, s[0], int(z[0]), lo, hi, out.view(np.uint8))
     return out
 
 

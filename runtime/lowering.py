@@ -85,8 +85,10 @@ class Buffers:
         self._arrays: dict = {}
 
     def get(self, key: str, shape, dtype) -> np.ndarray:
-        shape = tuple(int(d) for d in shape)
         arr = self._arrays.get(key)
+        if arr is not None and arr.shape == tuple(shape) and arr.dtype == dtype:  # the steady state
+            return arr
+        shape = tuple(int(d) for d in shape)
         if arr is None or arr.shape != shape or arr.dtype != np.dtype(dtype):
             arr = np.empty(shape, dtype)
             self._arrays[key] = arr
@@ -129,6 +131,24 @@ class QValue:
     def onnx_shape(self) -> tuple[int, ...]:
         s = self.data.shape
         return (s[0], s[3], s[1], s[2]) if self.layout == "NHWC" else tuple(s)
+
+
+class Bound:
+    """A kernel call bound to its buffers (``kernels.bind_*``), rebuilt only when one of them is no
+    longer the same array object -- a new input shape, or a producer that reallocated. Buffers
+    are owned by the steps and reused from run to run, so a steady-state run makes no checks."""
+
+    __slots__ = ("_key", "_call")
+
+    def __init__(self):
+        self._key: tuple = ()
+        self._call = None
+
+    def __call__(self, make, *arrays) -> None:
+        key = self._key
+        if len(key) != len(arrays) or any(k is not a for k, a in zip(key, arrays)):
+            self._call, self._key = make(), arrays
+        self._call()
 
 
 @dataclass
@@ -440,13 +460,16 @@ def _conv_step(node, xq, xp, w, bias, yp, rng, out):
         raise _Decline(f"node '{node.name}' (Conv): {exc}") from exc
     bufs = Buffers()
 
+    bound = Bound()
+
     def fn(env):
         x = env[xq].nhwc(bufs)
         y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
         scratch = None
         if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
             scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
-        env[out] = QValue(K.run_qconv(params, x, out=y, scratch=scratch), "NHWC")
+        bound(lambda: K.bind_qconv(params, x, y, scratch=scratch), x, y, scratch)
+        env[out] = QValue(y, "NHWC")
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -467,10 +490,13 @@ def _gemm_step(node, xq, xp, w, bias, yp, rng, out):
         raise _Decline(f"node '{node.name}' ({node.op_type}): {exc}") from exc
     bufs = Buffers()
 
+    bound = Bound()
+
     def fn(env):
         x = env[xq].nchw(bufs)
         y = bufs.get("y", x.shape[:-1] + (params.n,), params.y_dtype)
-        env[out] = QValue(K.run_qgemm(params, x, out=y), "plain")
+        bound(lambda: K.bind_qgemm(params, x, y), x, y)
+        env[out] = QValue(y, "plain")
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -479,6 +505,7 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
     params = K.prepare_qbinary("add" if node.op_type == "Add" else "mul", ap.zp.dtype, ap.scale, ap.zp, bp.zp.dtype,
                                bp.scale, bp.zp, yp.scale, yp.zp, out_range=rng)
     bufs = Buffers()
+    bound = Bound()
 
     def fn(env):
         va, vb = env[aq], env[bq]
@@ -487,7 +514,8 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
         else:
             a, b, layout = va.nchw(bufs, "a"), vb.nchw(bufs, "b"), "plain"
         y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
-        env[out] = QValue(K.run_qbinary(params, a, b, out=y), layout)
+        bound(lambda: K.bind_qbinary(params, a, b, y), a, b, y)
+        env[out] = QValue(y, layout)
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -634,10 +662,13 @@ def _unary_step(g, node, xq, xp, yp, out, floats):
 
         return Step(node.name, fn, "kernel", bufs)
     if op == "GlobalAveragePool":
+        bound = Bound()
+
         def fn(env):
             x = env[xq].nhwc(bufs)
             y = bufs.get("y", (x.shape[0], 1, 1, x.shape[3]), yp.zp.dtype)
-            env[out] = QValue(K.global_average_pool(x, xp.scale, xp.zp, yp.scale, yp.zp, layout="NHWC", out=y), "NHWC")
+            bound(lambda: K.bind_global_average_pool(x, xp.scale, xp.zp, yp.scale, yp.zp, y), x, y)
+            env[out] = QValue(y, "NHWC")
 
         return Step(node.name, fn, "kernel", bufs)
     index = _index_fn(g, node, floats)
@@ -872,7 +903,12 @@ def _quantize_step(node, src, qp):
 
     def fn(env):
         x = env[src]
-        env[out] = QValue(K.quantize_linear(x, qp.scale, qp.zp, out=bufs.get("y", x.shape, qp.zp.dtype)), "plain")
+        if x.ndim == 4 and np.ndim(qp.scale) == 0:  # straight into the runtime's NHWC layout, one pass
+            n, c, h, w = x.shape
+            y = bufs.get("y", (n, h, w, c), qp.zp.dtype)
+            env[out] = QValue(K.quantize_linear_to_nhwc(x, qp.scale, qp.zp, out=y), "NHWC")
+        else:
+            env[out] = QValue(K.quantize_linear(x, qp.scale, qp.zp, out=bufs.get("y", x.shape, qp.zp.dtype)), "plain")
 
     return Step(node.name, fn, "quantize", bufs)
 

@@ -266,6 +266,20 @@ def test_quantize_dequantize_match_reference(data, dt, per_axis):
                                   R.requantize(q2, np.float32(0.05), np.uint8(3), scale if not per_axis else scale[0], zp.reshape(-1)[0]))
 
 
+@SETTINGS
+@given(st.data(), st.sampled_from(QDT))
+def test_quantize_to_nhwc_matches_reference_transposed(data, dt):
+    shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=4, max_size=4)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal(shape) * data.draw(st.sampled_from([0.1, 3.0, 300.0]))).astype(np.float32)
+    x.reshape(-1)[0] = data.draw(floats32)
+    x.reshape(-1)[-1] = np.nan
+    scale, zp = data.draw(scales), zero_point(data.draw, dt)
+    got = K.quantize_linear_to_nhwc(x, scale, zp)
+    assert got.dtype == zp.dtype and got.shape == (shape[0], shape[2], shape[3], shape[1])
+    np.testing.assert_array_equal(got, R.quantize_linear(x, scale, zp).transpose(0, 2, 3, 1))
+
+
 def test_quantize_rounds_half_to_even_saturates_and_maps_nan_to_zero_point():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 1e9, -1e9, np.nan, np.inf], np.float32)
     q = K.quantize_linear(x, np.float32(1.0), np.int8(0))
