@@ -21,12 +21,18 @@ from .eltwise import (
 from .gemm import QGemmParams, bind_qgemm, prepare_qgemm, qgemm, qlinear_matmul, run_qgemm
 from .lut import lookup
 from .pool import average_pool, bind_global_average_pool, global_average_pool, max_pool
-from .quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc, requantize
+from .quantize import (
+    dequantize_linear,
+    prepare_quantize_to_nhwc,
+    quantize_linear,
+    quantize_linear_to_nhwc,
+    requantize,
+)
 
 __all__ = [
     "COLD_START_NOTE", "QConvParams", "QGemmParams", "average_pool", "bind_global_average_pool", "bind_qbinary",
     "bind_qconv", "bind_qgemm", "clamp", "dequantize_linear",
     "global_average_pool", "lookup", "max_pool", "prepare_qconv", "prepare_qgemm", "qgemm", "qlinear_add",
-    "qlinear_conv", "qlinear_matmul", "qlinear_mul", "quantize_linear", "quantize_linear_to_nhwc", "reference", "requantize",
+    "qlinear_conv", "qlinear_matmul", "qlinear_mul", "quantize_linear", "quantize_linear_to_nhwc", "prepare_quantize_to_nhwc", "reference", "requantize",
     "run_qconv", "run_qgemm", "QBinaryParams", "prepare_qbinary", "run_qbinary",
 ]

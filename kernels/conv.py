@@ -25,11 +25,10 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   ``(x - z_x)(w - z_w)`` is an integer of magnitude <= 255*255 and every partial sum of at most
   258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
   3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
-  conversion back to an integer. Stride-1 3x3/5x5 with channels a multiple of 16 (MobileNet's
-  depthwise layers) take ``_conv_depthwise_rows_kernel`` instead: each output row's input rows are
-  converted once to float32 ``x - z_x`` in a zero-padded buffer and ``microkernel.dw_row*``
-  sweeps the row with the weights held in registers (1.2-1.7x the per-pixel kernel measured here
-  single-threaded; not faster at stride 2, where each row is converted for fewer outputs).
+  conversion back to an integer. 3x3/5x5 with channels a multiple of 16 (MobileNet's
+  depthwise layers, where ``_rows_pay_off``) take ``_conv_depthwise_rows_kernel`` instead: a task converts the
+  input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer and
+  ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
   Channel multipliers > 1 use the generic int32 kernel.
 
 Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
@@ -208,11 +207,11 @@ def _conv_depthwise_f32_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo,
 
 @jit_parallel
 def _conv_depthwise_rows_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo, rows_per_task, out):
-    """Depthwise 3x3 / 5x5, channels a multiple of 16, NHWC, flat arrays: for each output row, the
-    ``KH`` input rows it reads are converted once to float32 ``x - z_x`` in a zero-padded private
-    buffer (padding holds the real value 0, so no tap needs a bounds check), then
-    ``microkernel.dw_row*`` sweeps the row 16 channels at a time with the weights in registers.
-    Exact in float32 for the reason given in ``_conv_depthwise_f32_kernel``."""
+    """Depthwise 3x3 / 5x5, channels a multiple of 16, NHWC, flat arrays. A task (one image,
+    ``rows_per_task`` output rows) converts every input row it reads once to float32 ``x - z_x``
+    in a private zero-padded buffer (padding holds the real value 0, so no tap needs a bounds
+    check), then ``microkernel.dw_row*`` sweeps each output row 16 channels at a time with the
+    weights in registers. Exact in float32 for the reason given in ``_conv_depthwise_f32_kernel``."""
     n_b, h, w, c_n, oh_n, ow_n = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
     kh_n, kw_n, sh, sw, pt, pl, dh, dw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
     zf = np.float32(x_zp)
@@ -224,24 +223,31 @@ def _conv_depthwise_rows_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo
         n = t // n_rt
         oh0 = (t % n_rt) * rows_per_task
         oh1 = min(oh_n, oh0 + rows_per_task)
-        rows = np.zeros(kh_n * rl, np.float32)
+        ih0 = oh0 * sh - pt
+        n_in = (oh1 - 1 - oh0) * sh + (kh_n - 1) * dh + 1
+        rows = np.empty(n_in * rl, np.float32)
+        for r in range(n_in):
+            ih = ih0 + r
+            d = r * rl
+            for i in range(pl * c_n):
+                rows[d + i] = np.float32(0.0)
+            for i in range(pl * c_n + wc, rl):
+                rows[d + i] = np.float32(0.0)
+            if ih < 0 or ih >= h:
+                for i in range(pl * c_n, pl * c_n + wc):
+                    rows[d + i] = np.float32(0.0)
+            else:  # wc is a multiple of 16 (channels are)
+                mk.to_f32_minus(rows, d + pl * c_n, x, (n * h + ih) * wc, wc // 16, zf)
         for oh in range(oh0, oh1):
-            for kh in range(kh_n):
-                ih = oh * sh - pt + kh * dh
-                d = kh * rl + pl * c_n
-                if ih < 0 or ih >= h:
-                    for i in range(wc):
-                        rows[d + i] = np.float32(0.0)
-                else:  # wc is a multiple of 16 (channels are)
-                    mk.to_f32_minus(rows, d, x, (n * h + ih) * wc, wc // 16, zf)
+            rb = (oh - oh0) * sh * rl
             ob = (n * oh_n + oh) * ow_n * c_n
             for cb in range(0, c_n, 16):
                 if kh_n == 3:
-                    mk.dw_row3x3_16(rows, cb, rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb, y_zp, lo, hi,
-                                    out, ob + cb, c_n)
+                    mk.dw_row3x3_16(rows, rb + cb, dh * rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb,
+                                    y_zp, lo, hi, out, ob + cb, c_n)
                 else:
-                    mk.dw_row5x5_16(rows, cb, rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb, y_zp, lo, hi,
-                                    out, ob + cb, c_n)
+                    mk.dw_row5x5_16(rows, rb + cb, dh * rl, dw * c_n, sw * c_n, ow_n, wf, cb, c_n, bias, mult, cb,
+                                    y_zp, lo, hi, out, ob + cb, c_n)
 
 
 @dataclass(frozen=True)
@@ -352,6 +358,13 @@ def prepare_qconv(
                        y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32)
 
 
+def _rows_pay_off(params: QConvParams, out_shape) -> bool:
+    """Where the row-sweeping depthwise kernel beat the per-pixel one (measured single-threaded,
+    min of 30 alternated runs): stride 1 and output maps of at least 14 rows; at stride 2 each
+    converted input row serves fewer outputs, and 7x7 maps are too short to amortise a task."""
+    return params.strides == (1, 1) and out_shape[1] >= 14
+
+
 def _plan(params: QConvParams, x: np.ndarray) -> tuple:
     """Validate ``x``'s dtype and shape once per input shape and precompute the kernel arguments."""
     check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
@@ -369,8 +382,13 @@ def _plan(params: QConvParams, x: np.ndarray) -> tuple:
             params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
         dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], shape[1], shape[2]], np.int64)
         geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
-        if params.kernel_shape in ((3, 3), (5, 5)) and (sh, sw) == (1, 1) and params.in_channels % 16 == 0:
-            return shape, "dw_rows", (dims, geo, max(1, shape[1] // 8))
+        if params.kernel_shape in ((3, 3), (5, 5)) and params.in_channels % 16 == 0 and _rows_pay_off(params, shape):
+            # about 16 tasks for the threads; a task's float rows stay within ~256 KB (L2)
+            kh, kw = params.kernel_shape
+            row_bytes = 4 * params.in_channels * max(x.shape[2] + pl, (shape[2] - 1) * sw + (kw - 1) * dw + 1)
+            fit = max(1, ((256 << 10) // row_bytes - (kh - 1) * dh - 1) // sh + 1)
+            rows_per_task = min(fit, max(1, -(-shape[1] * x.shape[0] // 16)))
+            return shape, "dw_rows", (dims, geo, rows_per_task)
         return shape, "dw_f32", (dims, geo)
     return shape, params.kind, None
 

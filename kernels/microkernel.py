@@ -630,3 +630,24 @@ def to_f32_minus(typingctx, dst, d_off, x, x_off, n16, zf):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def interleave3_16(typingctx, src, s_off, plane, dst, d_off):
+    """``dst[d_off + 3*j + c] = src[s_off + c*plane + j]`` for ``j < 16``, ``c < 3``: 16 pixels of three
+    channel rows interleaved into channels-last order (48 bytes) by one byte shuffle."""
+    sig = types.void(src, s_off, plane, dst, d_off)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        so, pl, do = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 2, 4))
+        rows = [builder.load(_elem_ptr(context, builder, t[0], args[0], builder.add(so, builder.mul(pl, ir.Constant(_I64, c))), _VB), align=1)
+                for c in range(3)]
+        ab = builder.shuffle_vector(rows[0], rows[1], ir.Constant(_vec(32, 32), list(range(32))))
+        cc = builder.shuffle_vector(rows[2], rows[2], ir.Constant(_vec(32, 32), [i % 16 for i in range(32)]))
+        mask = [c * 16 + j if c < 2 else 32 + j for j in range(16) for c in range(3)]
+        out = builder.shuffle_vector(ab, cc, ir.Constant(_vec(32, 48), mask))
+        builder.store(out, _elem_ptr(context, builder, t[3], args[3], do, _vec(8, 48)), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen

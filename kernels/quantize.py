@@ -14,6 +14,7 @@ import numpy as np
 from numba import prange
 
 from ._common import QTYPES, check_array, check_out, check_out_range, check_scale, check_zero_point, rne_clamped
+from . import microkernel as mk
 from .config import jit_parallel
 
 
@@ -38,6 +39,7 @@ def _quantize_to_nhwc_kernel(x4, scale, zp, lo, hi, out4):
     n_b, c_n, h, w = x4.shape
     lo_f = np.float32(lo - zp)
     hi_f = np.float32(hi - zp)
+    w16 = w - w % 16 if c_n == 3 else 0
     for r in prange(n_b * h):
         n = r // h
         i = r % h
@@ -47,7 +49,11 @@ def _quantize_to_nhwc_kernel(x4, scale, zp, lo, hi, out4):
             dst = row[c]
             for j in range(w):
                 dst[j] = (rne_clamped(src[j] / scale, lo_f, hi_f) + zp) & 0xFF
-        for j in range(w):
+        flat = row.reshape(-1)
+        ob = out4[n, i].reshape(-1)
+        for j in range(0, w16, 16):  # RGB images: 16 pixels per byte shuffle
+            mk.interleave3_16(flat, j, w, ob, 3 * j)
+        for j in range(w16, w):
             for c in range(c_n):
                 out4[n, i, j, c] = row[c, j]
 
@@ -102,20 +108,36 @@ def quantize_linear(x, scale, zero_point, *, axis: int = 1, out_range=None, out=
     return out
 
 
+def prepare_quantize_to_nhwc(scale, zero_point, *, out_range=None):
+    """Validate a per-tensor scale and zero point once; returns ``run(x, out=None)``: the ONNX
+    QuantizeLinear of a 4-D NCHW float32 ``x`` in NHWC order (``quantize_linear(x, scale,
+    zero_point).transpose(0, 2, 3, 1)``, bit for bit, in one pass), checking only ``x`` and
+    ``out`` per call."""
+    if np.ndim(scale) != 0 or np.ndim(zero_point) != 0:
+        raise ValueError("quantize_linear_to_nhwc takes a per-tensor (scalar) scale and zero_point")
+    s = check_scale("scale", scale)[0]
+    z = int(check_zero_point("zero_point", zero_point)[0])
+    dtype = np.asarray(zero_point).dtype
+    lo, hi = check_out_range(out_range, dtype)
+    kernel = _quantize_to_nhwc_kernel
+
+    def run(x, out=None) -> np.ndarray:
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4):
+            check_array("x", x, dtypes=(np.float32,), ndim=4)
+        n, c, h, w = x.shape
+        if out is None or out.shape != (n, h, w, c) or out.dtype != dtype or not out.flags.c_contiguous:
+            out = check_out("out", out, (n, h, w, c), dtype)
+        kernel(x, s, z, lo, hi, out.view(np.uint8))
+        return out
+
+    return run
+
+
 def quantize_linear_to_nhwc(x, scale, zero_point, *, out_range=None, out=None) -> np.ndarray:
     """Per-tensor ONNX QuantizeLinear of a 4-D NCHW float32 ``x``, returned in NHWC order:
     ``quantize_linear(x, scale, zero_point).transpose(0, 2, 3, 1)``, bit for bit, in one pass."""
     check_array("x", x, dtypes=(np.float32,), ndim=4)
-    if np.ndim(scale) != 0 or np.ndim(zero_point) != 0:
-        raise ValueError("quantize_linear_to_nhwc takes a per-tensor (scalar) scale and zero_point")
-    s = check_scale("scale", scale)
-    z = check_zero_point("zero_point", zero_point)
-    dtype = np.asarray(zero_point).dtype
-    lo, hi = check_out_range(out_range, dtype)
-    n, c, h, w = x.shape
-    out = check_out("out", out, (n, h, w, c), dtype)
-    _quantize_to_nhwc_kernel(x, s[0], int(z[0]), lo, hi, out.view(np.uint8))
-    return out
+    return prepare_quantize_to_nhwc(scale, zero_point, out_range=out_range)(x, out)
 
 
 def dequantize_linear(q, scale, zero_point=None, *, axis: int = 1, out=None) -> np.ndarray:

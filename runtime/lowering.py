@@ -901,12 +901,13 @@ def _quantize_step(node, src, qp):
     out = node.output[0]
     bufs = Buffers()
 
+    to_nhwc = K.prepare_quantize_to_nhwc(qp.scale, qp.zp)
+
     def fn(env):
         x = env[src]
-        if x.ndim == 4 and np.ndim(qp.scale) == 0:  # straight into the runtime's NHWC layout, one pass
+        if x.ndim == 4:  # straight into the runtime's NHWC layout, one pass
             n, c, h, w = x.shape
-            y = bufs.get("y", (n, h, w, c), qp.zp.dtype)
-            env[out] = QValue(K.quantize_linear_to_nhwc(x, qp.scale, qp.zp, out=y), "NHWC")
+            env[out] = QValue(to_nhwc(x, bufs.get("y", (n, h, w, c), qp.zp.dtype)), "NHWC")
         else:
             env[out] = QValue(K.quantize_linear(x, qp.scale, qp.zp, out=bufs.get("y", x.shape, qp.zp.dtype)), "plain")
 
