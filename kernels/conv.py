@@ -26,7 +26,7 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
   3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
   conversion back to an integer. 3x3/5x5 with channels a multiple of 16 (MobileNet's
-  depthwise layers, where ``_rows_pay_off``) take ``_conv_depthwise_rows_kernel`` instead: a task converts the
+  depthwise layers, where ``_rows_pay_off``: 1.2-2.5x there) take ``_conv_depthwise_rows_kernel`` instead: a task converts the
   input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer and
   ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
   Channel multipliers > 1 use the generic int32 kernel.
@@ -359,10 +359,12 @@ def prepare_qconv(
 
 
 def _rows_pay_off(params: QConvParams, out_shape) -> bool:
-    """Where the row-sweeping depthwise kernel beat the per-pixel one (measured single-threaded,
-    min of 30 alternated runs): stride 1 and output maps of at least 14 rows; at stride 2 each
-    converted input row serves fewer outputs, and 7x7 maps are too short to amortise a task."""
-    return params.strides == (1, 1) and out_shape[1] >= 14
+    """Where the row-sweeping depthwise kernel beat the per-pixel one (min of 30 alternated runs,
+    1 and 2 threads, batch 1 and 8): stride 1 with output maps of at least 14 rows, stride 2 with
+    at least 28 (each converted input row serves fewer outputs there); 7x7 maps are too short to
+    amortise a task's set-up."""
+    rows = out_shape[1]
+    return (params.strides == (1, 1) and rows >= 14) or (params.strides == (2, 2) and rows >= 28)
 
 
 def _plan(params: QConvParams, x: np.ndarray) -> tuple:

@@ -200,7 +200,7 @@ def test_depthwise_vector_path_matches_reference(data):
     params = K.prepare_qconv(x.dtype, *args, **kw)
     xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     got = K.run_qconv(params, xn)
-    rows = k in (3, 5) and c % 16 == 0 and strides == (1, 1) and got.shape[2] >= 14  # the row-sweeping kernel, else per pixel
+    rows = k in (3, 5) and c % 16 == 0 and got.shape[2] >= (14 if strides == (1, 1) else 28)  # row-sweeping, else per pixel
     assert params.kind == "depthwise" and params.plans[xn.shape][1] == ("dw_rows" if rows else "dw_f32")
     np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), R.qlinear_conv(x, *args, **kw))
 
@@ -208,22 +208,24 @@ def test_depthwise_vector_path_matches_reference(data):
 @FEW
 @given(data=st.data())
 def test_depthwise_row_sweeping_path_matches_reference(data):
-    """The float-row kernel (stride 1, >= 14 output rows, channels % 16 == 0): zero-padded rows,
-    dilations, asymmetric pads, tasks split across rows and images."""
+    """The float-row kernel (channels % 16 == 0; >= 14 output rows at stride 1, >= 28 at stride 2):
+    zero-padded rows, dilations, asymmetric pads, tasks split across rows and images."""
     rng = _rng(data.draw)
     xdt, ydt, wdt = (data.draw(st.sampled_from(QDT)) for _ in range(3))
     c, k = data.draw(st.sampled_from([16, 32])), data.draw(st.sampled_from([3, 5]))
     dil = (data.draw(st.sampled_from([1, 2])),) * 2
+    s = data.draw(st.sampled_from([1, 2]))
     pads = tuple(data.draw(st.integers(0, 2)) for _ in range(4))
-    h, w = data.draw(st.integers(14 + (k - 1) * dil[0], 24)), data.draw(st.integers(1, 20))
-    assume(R.output_size(w, k, 1, pads[1], pads[3], dil[1]) >= 1)
+    h = data.draw(st.integers((14 if s == 1 else 56) + (k - 1) * dil[0], (24 if s == 1 else 64)))
+    w = data.draw(st.integers(1, 20))
+    assume(R.output_size(w, k, s, pads[1], pads[3], dil[1]) >= 1)
     x = _q(rng, xdt, (data.draw(st.integers(1, 3)), c, h, w))
     wt, w_zp = _q(rng, wdt, (c, 1, k, k)), _q(rng, wdt, (c,))
     y_zp = np.array(data.draw(st.integers(*R.qrange(ydt))), ydt)
     args = (data.draw(scales), np.array(data.draw(st.integers(*R.qrange(xdt))), xdt), wt,
             np.array([data.draw(scales) for _ in range(c)], np.float32), w_zp, data.draw(scales) * np.float32(8), y_zp,
             rng.integers(-99999, 99999, c).astype(np.int32))
-    kw = dict(pads=pads, dilations=dil, group=c, out_range=_out_range(data.draw, y_zp))
+    kw = dict(strides=(s, s), pads=pads, dilations=dil, group=c, out_range=_out_range(data.draw, y_zp))
     params = K.prepare_qconv(x.dtype, *args, **kw)
     xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     got = K.run_qconv(params, xn)
