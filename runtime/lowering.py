@@ -138,16 +138,17 @@ class Bound:
     longer the same array object -- a new input shape, or a producer that reallocated. Buffers
     are owned by the steps and reused from run to run, so a steady-state run makes no checks."""
 
-    __slots__ = ("_key", "_call")
+    __slots__ = ("_ids", "_arrays", "_call")
 
     def __init__(self):
-        self._key: tuple = ()
+        self._ids: tuple = ()
+        self._arrays: tuple = ()  # held, so that their ids cannot be reused while bound
         self._call = None
 
     def __call__(self, make, *arrays) -> None:
-        key = self._key
-        if len(key) != len(arrays) or any(k is not a for k, a in zip(key, arrays)):
-            self._call, self._key = make(), arrays
+        ids = tuple(map(id, arrays))
+        if ids != self._ids:
+            self._call, self._ids, self._arrays = make(), ids, arrays
         self._call()
 
 
@@ -460,16 +461,18 @@ def _conv_step(node, xq, xp, w, bias, yp, rng, out):
         raise _Decline(f"node '{node.name}' (Conv): {exc}") from exc
     bufs = Buffers()
 
-    bound = Bound()
+    bound = [None, None, None]  # input array, its output QValue, the kernel call bound to both
 
     def fn(env):
         x = env[xq].nhwc(bufs)
-        y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
-        scratch = None
-        if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
-            scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
-        bound(lambda: K.bind_qconv(params, x, y, scratch=scratch), x, y, scratch)
-        env[out] = QValue(y, "NHWC")
+        if x is not bound[0]:  # first run, new shape or reallocated producer: validate and bind
+            y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
+            scratch = None
+            if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
+                scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
+            bound[:] = [x, QValue(y, "NHWC"), K.bind_qconv(params, x, y, scratch=scratch)]
+        bound[2]()
+        env[out] = bound[1]
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -505,7 +508,7 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
     params = K.prepare_qbinary("add" if node.op_type == "Add" else "mul", ap.zp.dtype, ap.scale, ap.zp, bp.zp.dtype,
                                bp.scale, bp.zp, yp.scale, yp.zp, out_range=rng)
     bufs = Buffers()
-    bound = Bound()
+    bound = [None, None, None, None]  # both input arrays, the output QValue, the bound kernel call
 
     def fn(env):
         va, vb = env[aq], env[bq]
@@ -513,9 +516,11 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
             a, b, layout = va.data, vb.data, va.layout
         else:
             a, b, layout = va.nchw(bufs, "a"), vb.nchw(bufs, "b"), "plain"
-        y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
-        bound(lambda: K.bind_qbinary(params, a, b, y), a, b, y)
-        env[out] = QValue(y, layout)
+        if a is not bound[0] or b is not bound[1] or layout != bound[2].layout:
+            y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
+            bound[:] = [a, b, QValue(y, layout), K.bind_qbinary(params, a, b, y)]
+        bound[3]()
+        env[out] = bound[2]
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -672,10 +677,22 @@ def _unary_step(g, node, xq, xp, yp, out, floats):
 
         return Step(node.name, fn, "kernel", bufs)
     index = _index_fn(g, node, floats)
+    # the result depends on the input array alone (no run-time shape input): a view of the same
+    # buffer is the same view, so consumers keep their bound calls
+    static = not (op == "Reshape" and node.input[1] not in g.consts)
+    view = [None, None]  # input array, the QValue of its contiguous same-scale view
 
     def fn(env):
         v = env[xq]
-        y = index(v.nchw(bufs), env)
+        x = v.nchw(bufs)
+        if static and x is view[0]:
+            env[out] = view[1]
+            return
+        y = index(x, env)
+        if static and y.flags.c_contiguous and _same(xp, yp) and np.may_share_memory(x, y):
+            view[:] = [x, QValue(y, "plain")]
+            env[out] = view[1]
+            return
         if not y.flags.c_contiguous:
             dst = bufs.get("c", y.shape, y.dtype)
             np.copyto(dst, y)
