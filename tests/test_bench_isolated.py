@@ -28,8 +28,9 @@ def test_side_by_side_counts_every_round(tmp_path):
                        batch=2, warmup=1, repeats=3, rounds=2)
     assert set(got) == {"small", "big"}
     for figures in got.values():
-        assert figures["runs"] == 6
+        assert figures["runs"] == 6 and len(figures["process_medians_s"]) == 2
         assert 0 < figures["median_s"] <= figures["p90_s"]
+        assert figures["best_median_s"] == min(figures["process_medians_s"]) > 0
         assert figures["median_cpu_s"] >= 0
 
 
