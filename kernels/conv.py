@@ -29,6 +29,13 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   depthwise layers, where ``_rows_pay_off``: 1.2-2.5x there) take ``_conv_depthwise_rows_kernel`` instead: a task converts the
   input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer and
   ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
+  On AVX512-VNNI CPUs, 3x3 depthwise layers with uint8 activations, int8 weights of zero point 0
+  and channels a multiple of 16 (MobileNet's, as ORT's ``quantize_static`` and our quantizer write
+  them) use ``_conv_depthwise_vnni_kernel`` before either: input rows copied once per task into a
+  zero-point-padded byte buffer, the nine taps of 16 channels interleaved into three 64-byte
+  vectors and summed by three ``vpdpbusd`` (exact int32; the activation zero point folded into the
+  bias as for the GEMM tiles). Measured single-threaded, min of 25 alternated runs: 1.3-2.2x the
+  float kernels on every MobileNetV2 depthwise shape, batch 1 and 8.
   Channel multipliers > 1 use the generic int32 kernel.
 
 Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
@@ -272,6 +279,7 @@ class QConvParams:
     group: int
     fast: igemm.IGemmPack | None = None  # packed operands of the VNNI/AVX2 kernel, when chosen
     dw_f32: np.ndarray | None = None  # depthwise: ``packed_w`` flat as float32 (exact integers)
+    dw_vnni: tuple | None = None  # 3x3 depthwise on VNNI: (interleaved int8 weights, bias - z_x * sum(w))
     #: per input shape: (output shape, path, kernel arguments) -- filled by ``run_qconv``
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -354,8 +362,60 @@ def prepare_qconv(
         kind, packed = "direct", ws.reshape(group, m_n // group, cg, kh, kw).transpose(0, 3, 4, 2, 1)
     packed = np.ascontiguousarray(packed)
     dw_f32 = packed.reshape(-1).astype(np.float32) if kind == "depthwise" else None
+    dw_vnni = None
+    if (kind == "depthwise" and (kh, kw) == (3, 3) and c_n % 16 == 0 and x_dtype == np.uint8
+            and w.dtype == np.int8 and not np.any(zw) and mk.VNNI in mk.supported_isas() and isa in (None, "avx512vnni")):
+        dw_vnni = pack_depthwise_vnni(w, bias_arr, int(zx[0]))
     return QConvParams(kind, x_dtype, int(zx[0]), c_n, (kh, kw), packed, bias_arr, mult,
-                       y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32)
+                       y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32, dw_vnni)
+
+
+@jit_parallel
+def _conv_depthwise_vnni_kernel(x, zx, wq, bias, mult, y_zp, lo, hi, dims, geo, rows_per_task, out):
+    """Depthwise 3x3 on VNNI, uint8 NHWC input, channels a multiple of 16, flat arrays: a task
+    copies the input rows it reads once into a private buffer padded with the zero point ``zx``
+    (the real value 0), then ``microkernel.dw_row3x3_vnni16`` sweeps each output row: three
+    ``vpdpbusd`` per pixel and 16 channels, exact in int32 (``bias`` holds ``bias - zx*sum(w)``)."""
+    n_b, h, w, c_n, oh_n, ow_n = dims[0], dims[1], dims[2], dims[3], dims[4], dims[5]
+    sh, sw, pt, pl, dh, dw = geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    wp = max(w + pl, (ow_n - 1) * sw + 2 * dw + 1)  # padded row width in pixels
+    rl = wp * c_n
+    wc = w * c_n
+    n_rt = (oh_n + rows_per_task - 1) // rows_per_task
+    for t in prange(n_b * n_rt):
+        n = t // n_rt
+        oh0 = (t % n_rt) * rows_per_task
+        oh1 = min(oh_n, oh0 + rows_per_task)
+        ih0 = oh0 * sh - pt
+        n_in = (oh1 - 1 - oh0) * sh + 2 * dh + 1
+        rows = np.empty(n_in * rl, np.uint8)
+        for r in range(n_in):
+            ih = ih0 + r
+            d = r * rl
+            if ih < 0 or ih >= h:
+                mk.fill_bytes(rows, d, zx, rl)
+            else:
+                mk.fill_bytes(rows, d, zx, pl * c_n)
+                mk.copy_bytes(rows, d + pl * c_n, x, (n * h + ih) * wc, wc)
+                mk.fill_bytes(rows, d + pl * c_n + wc, zx, rl - pl * c_n - wc)
+        for oh in range(oh0, oh1):
+            rb = (oh - oh0) * sh * rl
+            ob = (n * oh_n + oh) * ow_n * c_n
+            for cb in range(0, c_n, 16):
+                mk.dw_row3x3_vnni16(rows, rb + cb, dh * rl, dw * c_n, sw * c_n, ow_n, wq, cb * 12, bias, mult, cb,
+                                    y_zp, lo, hi, out, ob + cb, c_n)
+
+
+def pack_depthwise_vnni(w: np.ndarray, bias: np.ndarray, zx: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 3x3 depthwise weights ``(C, 1, 3, 3)`` (zero point 0, ``C % 16 == 0``) -> the interleaved
+    layout of ``microkernel.dw_row3x3_vnni16`` (per 16 channels, three groups of 16 x 4 taps, taps
+    9-11 zero) and ``bias - zx * sum(w)`` as int32 (exact modulo 2**32, like the accumulation)."""
+    c_n = w.shape[0]
+    w12 = np.zeros((c_n, 12), np.int8)
+    w12[:, :9] = w.reshape(c_n, 9)
+    packed = np.ascontiguousarray(w12.reshape(c_n // 16, 16, 3, 4).transpose(0, 2, 1, 3)).reshape(-1)
+    b64 = bias.astype(np.int64) - int(zx) * w.reshape(c_n, 9).astype(np.int64).sum(axis=1)
+    return packed, b64.astype(np.int32)
 
 
 def _rows_pay_off(params: QConvParams, out_shape) -> bool:
@@ -365,6 +425,17 @@ def _rows_pay_off(params: QConvParams, out_shape) -> bool:
     amortise a task's set-up."""
     rows = out_shape[1]
     return (params.strides == (1, 1) and rows >= 14) or (params.strides == (2, 2) and rows >= 28)
+
+
+def _rows_per_task(params: QConvParams, x_shape, out_shape, item_bytes: int) -> int:
+    """Output rows per task of the row-buffered depthwise kernels: about 16 tasks for the threads,
+    and a task's padded input rows (``item_bytes`` per element) within ~256 KB (L2)."""
+    kh, kw = params.kernel_shape
+    sh, sw = params.strides
+    dh, dw = params.dilations
+    row_bytes = item_bytes * params.in_channels * max(x_shape[2] + params.pads[1], (out_shape[2] - 1) * sw + (kw - 1) * dw + 1)
+    fit = max(1, ((256 << 10) // row_bytes - (kh - 1) * dh - 1) // sh + 1)
+    return min(fit, max(1, -(-out_shape[1] * x_shape[0] // 16)))
 
 
 def _plan(params: QConvParams, x: np.ndarray) -> tuple:
@@ -384,13 +455,10 @@ def _plan(params: QConvParams, x: np.ndarray) -> tuple:
             params.packed_w.shape[0] * params.packed_w.shape[1] <= DW_F32_MAX_TAPS:
         dims = np.array([x.shape[0], x.shape[1], x.shape[2], x.shape[3], shape[1], shape[2]], np.int64)
         geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
+        if params.dw_vnni is not None:
+            return shape, "dw_vnni", (dims, geo, _rows_per_task(params, x.shape, shape, 1))
         if params.kernel_shape in ((3, 3), (5, 5)) and params.in_channels % 16 == 0 and _rows_pay_off(params, shape):
-            # about 16 tasks for the threads; a task's float rows stay within ~256 KB (L2)
-            kh, kw = params.kernel_shape
-            row_bytes = 4 * params.in_channels * max(x.shape[2] + pl, (shape[2] - 1) * sw + (kw - 1) * dw + 1)
-            fit = max(1, ((256 << 10) // row_bytes - (kh - 1) * dh - 1) // sh + 1)
-            rows_per_task = min(fit, max(1, -(-shape[1] * x.shape[0] // 16)))
-            return shape, "dw_rows", (dims, geo, rows_per_task)
+            return shape, "dw_rows", (dims, geo, _rows_per_task(params, x.shape, shape, 4))
         return shape, "dw_f32", (dims, geo)
     return shape, params.kind, None
 
@@ -425,6 +493,10 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
     if path == "dw_rows":
         _conv_depthwise_rows_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
                                     params.y_zp, params.lo, params.hi, *extra, y.view(np.uint8).reshape(-1))
+        return y
+    if path == "dw_vnni":
+        _conv_depthwise_vnni_kernel(x.reshape(-1), params.x_zp, *params.dw_vnni, params.multiplier, params.y_zp,
+                                    params.lo, params.hi, *extra, y.view(np.uint8).reshape(-1))
         return y
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]
@@ -468,6 +540,11 @@ def bind_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray, *, scratch: 
         call = (x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier, params.y_zp, params.lo,
                 params.hi, *extra, out.view(np.uint8).reshape(-1))
         kernel = _conv_depthwise_f32_kernel if path == "dw_f32" else _conv_depthwise_rows_kernel
+        return lambda: kernel(*call)
+    if path == "dw_vnni":
+        call = (x.reshape(-1), params.x_zp, *params.dw_vnni, params.multiplier, params.y_zp, params.lo, params.hi,
+                *extra, out.view(np.uint8).reshape(-1))
+        kernel = _conv_depthwise_vnni_kernel
         return lambda: kernel(*call)
     return lambda: run_qconv(params, x, out, scratch=scratch)
 

@@ -651,3 +651,61 @@ def interleave3_16(typingctx, src, s_off, plane, dst, d_off):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def dw_row3x3_vnni16(typingctx, rows, rb, rs, cs, ps, ow_n, wq, wb, bias, mult, cb, zp, lo, hi, out, ob, os):
+    """One output row x 16 channels of a 3x3 depthwise convolution on VNNI, from *uint8 rows*
+    (padding holds the activation zero point): for every pixel the nine 16-byte tap vectors are
+    interleaved into three 64-byte vectors (byte ``4c + j`` = tap ``4g + j`` of channel ``c``; the
+    three taps past the ninth reuse tap 8 against zero weights) and summed by three ``vpdpbusd``
+    into int32 lanes that start at ``bias`` (which holds ``bias - z_x * sum(w)``); then the one
+    float32 requantization. ``wq[wb + 64g : +64]``: the int8 weights of group ``g`` in that
+    interleaved order. Tap (i, j) of pixel ``p`` at ``rows[rb + i*rs + j*cs + p*ps : +16]``; output
+    bytes at ``out[ob + p*os]``."""
+    sig = types.void(rows, rb, rs, cs, ps, ow_n, wq, wb, bias, mult, cb, zp, lo, hi, out, ob, os)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+
+        def i64(i):
+            return context.cast(builder, args[i], t[i], types.int64)
+
+        rb, rs, cs, ps, n, wb, cb, ob, ostep = (i64(i) for i in (1, 2, 3, 4, 5, 7, 10, 15, 16))
+        zp, lo, hi = i64(11), i64(12), i64(13)
+        v64 = _vec(8, 64)
+        wv = [builder.bitcast(builder.load(_elem_ptr(context, builder, t[6], args[6],
+                                                     builder.add(wb, ir.Constant(_I64, 64 * g)), v64), align=1), _VI)
+              for g in range(3)]
+        tap_off = [builder.add(builder.mul(rs, ir.Constant(_I64, i)), builder.mul(cs, ir.Constant(_I64, j)))
+                   for i in range(3) for j in range(3)]
+        bias_v = builder.load(_elem_ptr(context, builder, t[8], args[8], cb, _VI), align=4)
+        mult_v = builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VF), align=4)
+        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
+        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
+        zp_v = _splat(builder, builder.trunc(zp, _I32), _VI)
+        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+        dot = _intrinsic_fn(builder, "llvm.x86.avx512.vpdpbusd.512", _VI, [_VI, _VI, _VI])
+        cat = ir.Constant(_vec(32, 32), list(range(32)))
+        cat64 = ir.Constant(_vec(32, 64), list(range(64)))
+        inter = ir.Constant(_vec(32, 64), [j * 16 + c for c in range(16) for j in range(4)])
+        with cgutils.for_range(builder, n) as loop:
+            base = builder.add(rb, builder.mul(loop.index, ps))
+            taps = [builder.load(_elem_ptr(context, builder, t[0], args[0], builder.add(base, off), _VB), align=1)
+                    for off in tap_off]
+            taps += [taps[8]] * 3
+            acc = bias_v
+            for g in range(3):
+                a, b, c, d = taps[4 * g: 4 * g + 4]
+                quad = builder.shuffle_vector(builder.shuffle_vector(a, b, cat), builder.shuffle_vector(c, d, cat), cat64)
+                xv = builder.shuffle_vector(quad, quad, inter)
+                acc = builder.call(dot, [acc, builder.bitcast(xv, _VI), wv[g]])
+            v = builder.fmul(builder.sitofp(acc, _VF), mult_v)
+            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+            q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), zp_v)
+            po = _elem_ptr(context, builder, t[14], args[14], builder.add(ob, builder.mul(loop.index, ostep)), _VB)
+            builder.store(builder.trunc(q, _VB), po, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen

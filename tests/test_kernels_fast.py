@@ -175,6 +175,56 @@ def test_avx2_tile_emits_pmaddubsw():
     assert "vpmaddubsw" in asm and ("vpmaddwd" in asm or "vpdpwssd" in asm)
 
 
+def _depthwise_path(params, out_shape, w, w_zp):
+    """The kernel ``conv._plan`` must pick for a depthwise convolution (see ``kernels/conv.py``)."""
+    c, k = params.in_channels, params.kernel_shape[0]
+    if (k == 3 and c % 16 == 0 and params.x_dtype == np.uint8 and w.dtype == np.int8 and not np.any(w_zp)
+            and mk.VNNI in mk.supported_isas()):
+        return "dw_vnni"
+    rows_ok = out_shape[1] >= (14 if params.strides == (1, 1) else 28) and params.strides in ((1, 1), (2, 2))
+    return "dw_rows" if k in (3, 5) and c % 16 == 0 and rows_ok else "dw_f32"
+
+
+@pytest.mark.skipif(mk.VNNI not in mk.supported_isas(), reason="this CPU lacks avx512_vnni")
+@FEW
+@given(data=st.data())
+def test_depthwise_vnni_path_matches_reference(data):
+    """3x3 depthwise on VNNI (uint8 activations, int8 weights of zero point 0, channels % 16 == 0):
+    zero-point padded byte rows, strides, dilations, asymmetric pads, tasks across rows and images."""
+    rng = _rng(data.draw)
+    ydt = data.draw(st.sampled_from(QDT))
+    c = data.draw(st.sampled_from([16, 32, 48]))
+    s, d = data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 1, 2]))
+    pads = tuple(data.draw(st.integers(0, 2)) for _ in range(4))
+    h, w = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 20))
+    assume(R.output_size(h, 3, s, pads[0], pads[2], d) >= 1 and R.output_size(w, 3, s, pads[1], pads[3], d) >= 1)
+    x = _q(rng, np.uint8, (data.draw(st.integers(1, 3)), c, h, w))
+    wt, w_zp = _q(rng, np.int8, (c, 1, 3, 3)), np.zeros(c, np.int8)
+    y_zp = np.array(data.draw(st.integers(*R.qrange(ydt))), ydt)
+    args = (data.draw(scales), np.array(data.draw(st.integers(0, 255)), np.uint8), wt,
+            np.array([data.draw(scales) for _ in range(c)], np.float32), w_zp, data.draw(scales) * np.float32(8), y_zp,
+            rng.integers(-99999, 99999, c).astype(np.int32))
+    kw = dict(strides=(s, s), pads=pads, dilations=(d, d), group=c, out_range=_out_range(data.draw, y_zp))
+    params = K.prepare_qconv(x.dtype, *args, **kw)
+    xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    got = K.run_qconv(params, xn)
+    assert params.plans[xn.shape][1] == "dw_vnni"
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), R.qlinear_conv(x, *args, **kw))
+
+
+@pytest.mark.skipif(mk.VNNI not in mk.supported_isas(), reason="this CPU lacks avx512_vnni")
+def test_depthwise_vnni_kernel_emits_vpdpbusd():
+    from onnx_compress.kernels import conv
+
+    fn = numba.njit(**dict(SERIAL_OPTIONS, cache=False))(conv._conv_depthwise_vnni_kernel.py_func)
+    c = 16
+    wq, bias = conv.pack_depthwise_vnni(np.ones((c, 1, 3, 3), np.int8), np.zeros(c, np.int32), 3)
+    dims, geo = np.array([1, 4, 4, c, 4, 4], np.int64), np.array([3, 3, 1, 1, 1, 1, 1, 1], np.int64)
+    fn(np.zeros(16 * c, np.uint8), 3, wq, bias, np.ones(c, np.float32), 0, 0, 255, dims, geo, 2, np.zeros(16 * c, np.uint8))
+    asm = "\n".join(fn.inspect_asm().values())
+    assert "vpdpbusd" in asm and "vpdpbusds" not in asm
+
+
 @FEW
 @given(data=st.data())
 def test_depthwise_vector_path_matches_reference(data):
@@ -200,8 +250,7 @@ def test_depthwise_vector_path_matches_reference(data):
     params = K.prepare_qconv(x.dtype, *args, **kw)
     xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     got = K.run_qconv(params, xn)
-    rows = k in (3, 5) and c % 16 == 0 and got.shape[2] >= (14 if strides == (1, 1) else 28)  # row-sweeping, else per pixel
-    assert params.kind == "depthwise" and params.plans[xn.shape][1] == ("dw_rows" if rows else "dw_f32")
+    assert params.kind == "depthwise" and params.plans[xn.shape][1] == _depthwise_path(params, got.shape, wt, w_zp)
     np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), R.qlinear_conv(x, *args, **kw))
 
 
@@ -229,7 +278,7 @@ def test_depthwise_row_sweeping_path_matches_reference(data):
     params = K.prepare_qconv(x.dtype, *args, **kw)
     xn = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     got = K.run_qconv(params, xn)
-    assert params.plans[xn.shape][1] == "dw_rows"
+    assert params.plans[xn.shape][1] == _depthwise_path(params, got.shape, wt, w_zp) in ("dw_rows", "dw_vnni")
     np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), R.qlinear_conv(x, *args, **kw))
 
 
