@@ -132,6 +132,8 @@ def _igemm_kernel(x, dims, geo, zfill, direct, bp, biasp, multp, y_zp, lo, hi, i
     ohw = oh_n * ow_n
     ldo = g_n * mg
     contig = g_n == 1 and dw == 1
+    kwcg = kw_n * cg
+    row_step = dh * w * c_n
     for t in prange(n_tasks):
         g = t // (n_rb * n_cb)
         rem = t % (n_rb * n_cb)
@@ -159,10 +161,19 @@ def _igemm_kernel(x, dims, geo, zfill, direct, bp, biasp, multp, y_zp, lo, hi, i
                         oh = 0
                         n += 1
                 base = (rr - r0) * kp
+                ih0 = oh * sh - pt
+                iw0 = ow * sw - pl
+                if contig and ih0 >= 0 and ih0 + (kh_n - 1) * dh < h and iw0 >= 0 and iw0 + kw_n <= w:
+                    # the whole window inside: one copy per kernel row, no per-row checks
+                    src = ((n * h + ih0) * w + iw0) * c_n
+                    for kh in range(kh_n):
+                        mk.copy_bytes(a, base + kh * kwcg, x, src + kh * row_step, kwcg)
+                    if kp > k_n:
+                        mk.fill_bytes(a, base + k_n, 0, kp - k_n)
+                    continue
                 for kh in range(kh_n):
-                    ih = oh * sh - pt + kh * dh
+                    ih = ih0 + kh * dh
                     dst = base + kh * kw_n * cg
-                    iw0 = ow * sw - pl
                     if ih < 0 or ih >= h:
                         mk.fill_bytes(a, dst, zfill, kw_n * cg)
                     elif contig and iw0 >= 0 and iw0 + kw_n <= w:  # the KW taps are adjacent in x
