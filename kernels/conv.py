@@ -25,10 +25,10 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   ``(x - z_x)(w - z_w)`` is an integer of magnitude <= 255*255 and every partial sum of at most
   258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
   3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
-  conversion back to an integer. 3x3/5x5 with channels a multiple of 16 (MobileNet's
-  depthwise layers, where ``_rows_pay_off``: 1.2-2.5x there) take ``_conv_depthwise_rows_kernel`` instead: a task converts the
-  input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer and
-  ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
+  conversion back to an integer. 3x3/5x5 with channels a multiple of 16 (MobileNet's depthwise
+  layers), where ``_rows_pay_off`` (1.2-2.5x there), take ``_conv_depthwise_rows_kernel`` instead:
+  a task converts the input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer
+  and ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
   On AVX512-VNNI CPUs, 3x3 depthwise layers with uint8 activations, int8 weights of zero point 0
   and channels a multiple of 16 (MobileNet's, as ORT's ``quantize_static`` and our quantizer write
   them) use ``_conv_depthwise_vnni_kernel`` before either: input rows copied once per task into a
@@ -363,8 +363,8 @@ def prepare_qconv(
     packed = np.ascontiguousarray(packed)
     dw_f32 = packed.reshape(-1).astype(np.float32) if kind == "depthwise" else None
     dw_vnni = None
-    if (kind == "depthwise" and (kh, kw) == (3, 3) and c_n % 16 == 0 and x_dtype == np.uint8
-            and w.dtype == np.int8 and not np.any(zw) and mk.VNNI in mk.supported_isas() and isa in (None, "avx512vnni")):
+    if (kind == "depthwise" and (kh, kw) == (3, 3) and c_n % 16 == 0 and x_dtype == np.uint8 and w.dtype == np.int8
+            and not np.any(zw) and mk.VNNI in mk.supported_isas() and isa in (None, "avx512vnni")):
         dw_vnni = pack_depthwise_vnni(w, bias_arr, int(zx[0]))
     return QConvParams(kind, x_dtype, int(zx[0]), c_n, (kh, kw), packed, bias_arr, mult,
                        y_dtype, int(zy[0]), lo, hi, strides, pads, dilations, group, None, dw_f32, dw_vnni)
@@ -433,7 +433,8 @@ def _rows_per_task(params: QConvParams, x_shape, out_shape, item_bytes: int) -> 
     kh, kw = params.kernel_shape
     sh, sw = params.strides
     dh, dw = params.dilations
-    row_bytes = item_bytes * params.in_channels * max(x_shape[2] + params.pads[1], (out_shape[2] - 1) * sw + (kw - 1) * dw + 1)
+    width = max(x_shape[2] + params.pads[1], (out_shape[2] - 1) * sw + (kw - 1) * dw + 1)
+    row_bytes = item_bytes * params.in_channels * width
     fit = max(1, ((256 << 10) // row_bytes - (kh - 1) * dh - 1) // sh + 1)
     return min(fit, max(1, -(-out_shape[1] * x_shape[0] // 16)))
 
@@ -457,7 +458,8 @@ def _plan(params: QConvParams, x: np.ndarray) -> tuple:
         geo = np.array([*params.kernel_shape, sh, sw, pt, pl, dh, dw], np.int64)
         if params.dw_vnni is not None:
             return shape, "dw_vnni", (dims, geo, _rows_per_task(params, x.shape, shape, 1))
-        if params.kernel_shape in ((3, 3), (5, 5)) and params.in_channels % 16 == 0 and _rows_pay_off(params, shape):
+        if params.kernel_shape in ((3, 3), (5, 5)) and params.in_channels % 16 == 0 and \
+                _rows_pay_off(params, shape):
             return shape, "dw_rows", (dims, geo, _rows_per_task(params, x.shape, shape, 4))
         return shape, "dw_f32", (dims, geo)
     return shape, params.kind, None

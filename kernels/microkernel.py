@@ -641,7 +641,8 @@ def interleave3_16(typingctx, src, s_off, plane, dst, d_off):
     def codegen(context, builder, signature, args):
         t = signature.args
         so, pl, do = (context.cast(builder, args[i], t[i], types.int64) for i in (1, 2, 4))
-        rows = [builder.load(_elem_ptr(context, builder, t[0], args[0], builder.add(so, builder.mul(pl, ir.Constant(_I64, c))), _VB), align=1)
+        rows = [builder.load(_elem_ptr(context, builder, t[0], args[0],
+                                       builder.add(so, builder.mul(pl, ir.Constant(_I64, c))), _VB), align=1)
                 for c in range(3)]
         ab = builder.shuffle_vector(rows[0], rows[1], ir.Constant(_vec(32, 32), list(range(32))))
         cc = builder.shuffle_vector(rows[2], rows[2], ir.Constant(_vec(32, 32), [i % 16 for i in range(32)]))
@@ -697,7 +698,8 @@ def dw_row3x3_vnni16(typingctx, rows, rb, rs, cs, ps, ow_n, wq, wb, bias, mult, 
             acc = bias_v
             for g in range(3):
                 a, b, c, d = taps[4 * g: 4 * g + 4]
-                quad = builder.shuffle_vector(builder.shuffle_vector(a, b, cat), builder.shuffle_vector(c, d, cat), cat64)
+                quad = builder.shuffle_vector(builder.shuffle_vector(a, b, cat), builder.shuffle_vector(c, d, cat),
+                                              cat64)
                 xv = builder.shuffle_vector(quad, quad, inter)
                 acc = builder.call(dot, [acc, builder.bitcast(xv, _VI), wv[g]])
             v = builder.fmul(builder.sitofp(acc, _VF), mult_v)
