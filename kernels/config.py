@@ -37,8 +37,13 @@ keyed on the CPU name and features, so an AVX2-only machine never loads VNNI cod
 + first batch-1 run 36.2 / 33.3 s with an empty ``NUMBA_CACHE_DIR``, 1.6 / 1.4 s from the disk
 cache (plus ~1.4 s import), against 0.5 / 0.3 s for ONNX Runtime.
 
-Cold start measured on the development machine: see ``COLD_START_NOTE`` below -- about a minute
-to compile everything on a loaded 2-core machine, under a second to load it back from the cache.
+Latest, with every kernel of the two models (``python benchmarks/bench_runtime.py --batches 1
+--repeats 5 --rounds 1``, 2026-11-28, idle 2-core AVX512-VNNI machine, import + load + first
+batch-1 run in a fresh process): ResNet-18 / MobileNetV2 14.4 / 13.6 s with an empty
+``NUMBA_CACHE_DIR``, 1.2 / 1.2 s with the disk cache, against 0.7 / 0.7 s for ONNX Runtime.
+
+Older measurements on the loaded development machine: see ``COLD_START_NOTE`` below -- about a
+minute to compile everything, under a second to load it back from the cache.
 End to end (``benchmarks/bench_runtime.py``, import + load + first batch-1 run in a fresh process,
 ResNet-18 and MobileNetV2 QDQ, load average 15-45): 19-33 s with an empty ``NUMBA_CACHE_DIR``,
 2.7-4.6 s with the disk cache (about 1 s of it the first inference), against 1.1-3.0 s for ONNX
