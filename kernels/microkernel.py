@@ -31,7 +31,12 @@ no NaN can arise), stored as two's-complement bytes.
 Also here: ``copy_bytes``/``fill_bytes`` (``llvm.memcpy``/``memset``: Numba byte loops keep a
 negative-index fix-up per element and do not vectorise), and generic 16-lane vector steps (no x86
 intrinsics, legal on any target) for the depthwise convolution (``dw_fma16``, ``requant16``,
-``dw3x3_16``/``dw5x5_16``) and the element-wise QDQ Add/Mul (``qdq_binary16``).
+``dw3x3_16``/``dw5x5_16`` per pixel; ``to_f32_minus`` and ``dw_row3x3_16``/``dw_row5x5_16``, which
+sweep a whole output row from float rows with the weights held in registers), the element-wise
+QDQ Add/Mul (``qdq_binary16``) and the RGB interleave of the input quantization
+(``interleave3_16``). ``dw_row3x3_vnni16`` is the VNNI depthwise step: for each pixel the nine
+16-byte tap vectors are interleaved into three 64-byte vectors (byte ``4c + j`` = tap ``j`` of
+channel ``c``) so that ``vpdpbusd``'s four-way dot product runs over taps, exact like the tiles.
 
 Exactness
     * ``vpdpbusd`` (VNNI): four u8 x s8 products summed into an int32 lane, *not* saturating
