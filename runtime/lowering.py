@@ -134,22 +134,26 @@ class QValue:
 
 
 class Bound:
-    """A kernel call bound to its buffers (``kernels.bind_*``), rebuilt only when one of them is no
-    longer the same array object -- a new input shape, or a producer that reallocated. Buffers
-    are owned by the steps and reused from run to run, so a steady-state run makes no checks."""
+    """A step's kernel call bound to its buffers (``kernels.bind_*``), rebuilt only when one of its
+    inputs is no longer the same object -- a new input shape, or a producer that reallocated.
+    ``bound(make, *inputs)``: on a change, ``make(*inputs)`` validates, allocates and returns
+    ``(result, call)``; every time, ``call()`` runs and ``result`` (the output QValue) is returned.
+    Buffers are owned by the steps and reused from run to run, so a steady-state run makes no
+    checks."""
 
-    __slots__ = ("_ids", "_arrays", "_call")
+    __slots__ = ("_ids", "_inputs", "_result", "_call")
 
     def __init__(self):
         self._ids: tuple = ()
-        self._arrays: tuple = ()  # held, so that their ids cannot be reused while bound
-        self._call = None
+        self._inputs: tuple = ()  # held, so that their ids cannot be reused while bound
+        self._result = self._call = None
 
-    def __call__(self, make, *arrays) -> None:
-        ids = tuple(map(id, arrays))
+    def __call__(self, make, *inputs):
+        ids = tuple(map(id, inputs))
         if ids != self._ids:
-            self._call, self._ids, self._arrays = make(), ids, arrays
+            (self._result, self._call), self._ids, self._inputs = make(*inputs), ids, inputs
         self._call()
+        return self._result
 
 
 @dataclass
@@ -461,18 +465,17 @@ def _conv_step(node, xq, xp, w, bias, yp, rng, out):
         raise _Decline(f"node '{node.name}' (Conv): {exc}") from exc
     bufs = Buffers()
 
-    bound = [None, None, None]  # input array, its output QValue, the kernel call bound to both
+    bound = Bound()
+
+    def bind(x):
+        y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
+        scratch = None
+        if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
+            scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
+        return QValue(y, "NHWC"), K.bind_qconv(params, x, y, scratch=scratch)
 
     def fn(env):
-        x = env[xq].nhwc(bufs)
-        if x is not bound[0]:  # first run, new shape or reallocated producer: validate and bind
-            y = bufs.get("y", params.output_shape_nhwc(x.shape), params.y_dtype)
-            scratch = None
-            if params.kind == "gemm" and params.fast is None and params.strides != (1, 1):
-                scratch = bufs.get("strided", x[:, ::params.strides[0], ::params.strides[1], :].shape, x.dtype)
-            bound[:] = [x, QValue(y, "NHWC"), K.bind_qconv(params, x, y, scratch=scratch)]
-        bound[2]()
-        env[out] = bound[1]
+        env[out] = bound(bind, env[xq].nhwc(bufs))
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -495,11 +498,12 @@ def _gemm_step(node, xq, xp, w, bias, yp, rng, out):
 
     bound = Bound()
 
-    def fn(env):
-        x = env[xq].nchw(bufs)
+    def bind(x):
         y = bufs.get("y", x.shape[:-1] + (params.n,), params.y_dtype)
-        bound(lambda: K.bind_qgemm(params, x, y), x, y)
-        env[out] = QValue(y, "plain")
+        return QValue(y, "plain"), K.bind_qgemm(params, x, y)
+
+    def fn(env):
+        env[out] = bound(bind, env[xq].nchw(bufs))
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -508,19 +512,18 @@ def _binary_step(node, aq, ap, bq, bp, yp, rng, out):
     params = K.prepare_qbinary("add" if node.op_type == "Add" else "mul", ap.zp.dtype, ap.scale, ap.zp, bp.zp.dtype,
                                bp.scale, bp.zp, yp.scale, yp.zp, out_range=rng)
     bufs = Buffers()
-    bound = [None, None, None, None]  # both input arrays, the output QValue, the bound kernel call
+    bound = Bound()
+
+    def bind(a, b, layout):
+        y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
+        return QValue(y, layout), K.bind_qbinary(params, a, b, y)
 
     def fn(env):
         va, vb = env[aq], env[bq]
         if va.layout == vb.layout and va.data.shape == vb.data.shape:
-            a, b, layout = va.data, vb.data, va.layout
+            env[out] = bound(bind, va.data, vb.data, va.layout)
         else:
-            a, b, layout = va.nchw(bufs, "a"), vb.nchw(bufs, "b"), "plain"
-        if a is not bound[0] or b is not bound[1] or layout != bound[2].layout:
-            y = bufs.get("y", np.broadcast_shapes(a.shape, b.shape), yp.zp.dtype)
-            bound[:] = [a, b, QValue(y, layout), K.bind_qbinary(params, a, b, y)]
-        bound[3]()
-        env[out] = bound[2]
+            env[out] = bound(bind, va.nchw(bufs, "a"), vb.nchw(bufs, "b"), "plain")
 
     return Step(node.name, fn, "kernel", bufs)
 
@@ -669,11 +672,12 @@ def _unary_step(g, node, xq, xp, yp, out, floats):
     if op == "GlobalAveragePool":
         bound = Bound()
 
-        def fn(env):
-            x = env[xq].nhwc(bufs)
+        def bind(x):
             y = bufs.get("y", (x.shape[0], 1, 1, x.shape[3]), yp.zp.dtype)
-            bound(lambda: K.bind_global_average_pool(x, xp.scale, xp.zp, yp.scale, yp.zp, y), x, y)
-            env[out] = QValue(y, "NHWC")
+            return QValue(y, "NHWC"), K.bind_global_average_pool(x, xp.scale, xp.zp, yp.scale, yp.zp, y)
+
+        def fn(env):
+            env[out] = bound(bind, env[xq].nhwc(bufs))
 
         return Step(node.name, fn, "kernel", bufs)
     index = _index_fn(g, node, floats)
