@@ -125,21 +125,36 @@ def _splat_i32(builder, val, lanes):
     return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(vt, [0] * lanes))
 
 
+def _rounding(builder, lo, hi, zp, lanes: int = 16) -> tuple:
+    """The splatted constants of ``_round_bytes`` for the clamp range ``[lo, hi]`` and output zero
+    point ``zp`` (int64 values): ``(lo - zp, hi - zp)`` as float32, ``zp`` as int32, ``llvm.rint``."""
+    ft = ir.VectorType(ir.FloatType(), lanes)
+    return (_splat(builder, builder.sitofp(builder.sub(lo, zp), ir.FloatType()), ft),
+            _splat(builder, builder.sitofp(builder.sub(hi, zp), ir.FloatType()), ft),
+            _splat(builder, builder.trunc(zp, _I32), _vec(32, lanes)),
+            _intrinsic_fn(builder, f"llvm.rint.v{lanes}f32", ft, [ft]))
+
+
+def _round_bytes(builder, v, rounding):
+    """The tail of the one requantization (``reference.requantize_acc``), on a float32 vector ``v``:
+    ``clamp(rne(v), lo - zp, hi - zp) + zp`` as two's-complement bytes. Clamping before rounding
+    equals rounding before clamping (the bounds are integers); ``llvm.rint`` rounds half to even in
+    the default MXCSR mode; no NaN can arise (finite operands)."""
+    lo_v, hi_v, zp_v, rint = rounding
+    v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
+    v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
+    q = builder.add(builder.fptosi(builder.call(rint, [v]), zp_v.type), zp_v)
+    return builder.trunc(q, _vec(8, zp_v.type.count))
+
+
 def _epilogue(builder, accs, mr, nvec, lanes, rows, mult_ptr, n_off, zp, lo, hi, out_ptr, o_off, ldo, ncols):
     """Requantize the accumulators and store the bytes: ``y = clamp(rne(float32(acc) * m), lo - zp,
     hi - zp) + zp`` (``reference.requantize_acc``) -- int32 -> float32 conversion and the multiply
     round to nearest even, ``llvm.rint`` rounds half to even in the default MXCSR mode; no NaN can
     arise (finite operands). Rows ``>= rows`` and columns ``>= ncols`` are not stored."""
     ft = ir.VectorType(ir.FloatType(), lanes)
-    it = _vec(32, lanes)
     bt = _vec(8, lanes)
-    rint = _intrinsic_fn(builder, f"llvm.rint.v{lanes}f32", ft, [ft])
-    zp32 = builder.trunc(zp, _I32)
-    lo_f = builder.sitofp(builder.sub(lo, zp), ir.FloatType())
-    hi_f = builder.sitofp(builder.sub(hi, zp), ir.FloatType())
-    lo_v = _splat(builder, lo_f, ft)
-    hi_v = _splat(builder, hi_f, ft)
-    zp_v = _splat(builder, zp32, it)
+    rounding = _rounding(builder, lo, hi, zp, lanes)
     tmp = cgutils.alloca_once(builder, ir.ArrayType(_I8, lanes))
     tmp = builder.bitcast(tmp, _I8.as_pointer())
     ys = []
@@ -148,10 +163,7 @@ def _epilogue(builder, accs, mr, nvec, lanes, rows, mult_ptr, n_off, zp, lo, hi,
         m = builder.load(builder.bitcast(builder.gep(mult_ptr, [off]), ft.as_pointer()), align=4)
         for r in range(mr):
             v = builder.fmul(builder.sitofp(accs[r * nvec + i], ft), m)
-            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-            q = builder.add(builder.fptosi(builder.call(rint, [v]), it), zp_v)
-            ys.append((r, i, builder.trunc(q, bt)))
+            ys.append((r, i, _round_bytes(builder, v, rounding)))
     for r, i, y in ys:
         with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), rows)):
             col = lanes * i
@@ -438,13 +450,7 @@ def requant16(typingctx, acc, acc_off, bias, b_off, mult, zp, lo, hi, out, o_off
         po = _elem_ptr(context, builder, t[8], args[8], oo, _VB)
         acc = builder.add(builder.fptosi(builder.load(pa, align=4), _VI), builder.load(pb, align=4))
         v = builder.fmul(builder.sitofp(acc, _VF), builder.load(pm, align=4))
-        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
-        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
-        v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-        v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
-        q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), _splat(builder, builder.trunc(zp, _I32), _VI))
-        builder.store(builder.trunc(q, _VB), po, align=1)
+        builder.store(_round_bytes(builder, v, _rounding(builder, lo, hi, zp)), po, align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -477,14 +483,8 @@ def qdq_binary16(typingctx, op, a, b, off, sa, za, sb, zb, sy, zy, lo, hi, out):
         is_add = builder.icmp_signed("==", i64(0), ir.Constant(_I64, 0))
         f = builder.select(is_add, builder.fadd(*fa_fb), builder.fmul(*fa_fb))
         v = builder.fdiv(f, f32(8))
-        zy, lo, hi = i64(9), i64(10), i64(11)
-        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zy), _F32), _VF)
-        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zy), _F32), _VF)
-        v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-        v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
-        q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), _splat(builder, builder.trunc(zy, _I32), _VI))
-        builder.store(builder.trunc(q, _VB), _elem_ptr(context, builder, t[12], args[12], o, _VB), align=1)
+        q = _round_bytes(builder, v, _rounding(builder, i64(10), i64(11), i64(9)))
+        builder.store(q, _elem_ptr(context, builder, t[12], args[12], o, _VB), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -529,14 +529,8 @@ def _make_dw_full(kh_n: int, kw_n: int):
                               builder.load(_elem_ptr(context, builder, t[8], args[8], cb, _VI), align=4))
             v = builder.fmul(builder.sitofp(a32, _VF),
                              builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VF), align=4))
-            lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
-            hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
-            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-            rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
-            q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI),
-                            _splat(builder, builder.trunc(zp, _I32), _VI))
-            builder.store(builder.trunc(q, _VB), _elem_ptr(context, builder, t[14], args[14], ob, _VB), align=1)
+            q = _round_bytes(builder, v, _rounding(builder, lo, hi, zp))
+            builder.store(q, _elem_ptr(context, builder, t[14], args[14], ob, _VB), align=1)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -577,14 +571,11 @@ def _make_dw_row(kh_n: int, kw_n: int):
                        for i, j in taps]
             bias_v = builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VI), align=4)
             mult_v = builder.load(_elem_ptr(context, builder, t[10], args[10], cb, _VF), align=4)
-            lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
-            hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
-            zp_v = _splat(builder, builder.trunc(zp, _I32), _VI)
-            rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+            rounding = _rounding(builder, lo, hi, zp)
+            fma = _intrinsic_fn(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
             with cgutils.for_range(builder, n) as loop:
                 p = loop.index
                 base = builder.add(rb, builder.mul(p, ps))
-                fma = _intrinsic_fn(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
                 prods = []  # one fused multiply-add chain per kernel row, then their sum
                 for i in range(kh_n):
                     chain = None
@@ -599,11 +590,8 @@ def _make_dw_row(kh_n: int, kw_n: int):
                              for k in range(0, len(prods), 2)]
                 acc = builder.add(builder.fptosi(prods[0], _VI), bias_v)
                 v = builder.fmul(builder.sitofp(acc, _VF), mult_v)
-                v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-                v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-                q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), zp_v)
                 po = _elem_ptr(context, builder, t[15], args[15], builder.add(ob, builder.mul(p, ostep)), _VB)
-                builder.store(builder.trunc(q, _VB), po, align=1)
+                builder.store(_round_bytes(builder, v, rounding), po, align=1)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -687,10 +675,7 @@ def dw_row3x3_vnni16(typingctx, rows, rb, rs, cs, ps, ow_n, wq, wb, bias, mult, 
                    for i in range(3) for j in range(3)]
         bias_v = builder.load(_elem_ptr(context, builder, t[8], args[8], cb, _VI), align=4)
         mult_v = builder.load(_elem_ptr(context, builder, t[9], args[9], cb, _VF), align=4)
-        lo_v = _splat(builder, builder.sitofp(builder.sub(lo, zp), _F32), _VF)
-        hi_v = _splat(builder, builder.sitofp(builder.sub(hi, zp), _F32), _VF)
-        zp_v = _splat(builder, builder.trunc(zp, _I32), _VI)
-        rint = _intrinsic_fn(builder, "llvm.rint.v16f32", _VF, [_VF])
+        rounding = _rounding(builder, lo, hi, zp)
         dot = _intrinsic_fn(builder, "llvm.x86.avx512.vpdpbusd.512", _VI, [_VI, _VI, _VI])
         cat = ir.Constant(_vec(32, 32), list(range(32)))
         cat64 = ir.Constant(_vec(32, 64), list(range(64)))
@@ -708,11 +693,8 @@ def dw_row3x3_vnni16(typingctx, rows, rb, rs, cs, ps, ow_n, wq, wb, bias, mult, 
                 xv = builder.shuffle_vector(quad, quad, inter)
                 acc = builder.call(dot, [acc, builder.bitcast(xv, _VI), wv[g]])
             v = builder.fmul(builder.sitofp(acc, _VF), mult_v)
-            v = builder.select(builder.fcmp_ordered("<", v, lo_v), lo_v, v)
-            v = builder.select(builder.fcmp_ordered(">", v, hi_v), hi_v, v)
-            q = builder.add(builder.fptosi(builder.call(rint, [v]), _VI), zp_v)
             po = _elem_ptr(context, builder, t[14], args[14], builder.add(ob, builder.mul(loop.index, ostep)), _VB)
-            builder.store(builder.trunc(q, _VB), po, align=1)
+            builder.store(_round_bytes(builder, v, rounding), po, align=1)
         return context.get_dummy_value()
 
     return sig, codegen
