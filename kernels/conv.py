@@ -67,7 +67,7 @@ from ._common import (
     requant,
     to_nhwc,
 )
-from .config import jit_parallel
+from .config import jit_inline, jit_parallel
 from .gemm import _qgemm_kernel, check_accumulator
 from .reference import output_size, requant_multiplier
 
@@ -212,6 +212,15 @@ def _conv_depthwise_f32_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo,
                 out[ob + ab + c] = requant(np.int64(acc[ab + c]) + bias[c], mult[c], y_zp, lo, hi) & 0xFF
 
 
+@jit_inline
+def _row_task(t, n_rt, rows_per_task, oh_n, sh, pt, span):
+    """Task ``t`` of the row-buffered depthwise kernels: ``(image, first output row, end output
+    row, first input row, input rows read)``; ``span = (KH - 1) * dh + 1`` input rows per output row."""
+    oh0 = (t % n_rt) * rows_per_task
+    oh1 = min(oh_n, oh0 + rows_per_task)
+    return t // n_rt, oh0, oh1, oh0 * sh - pt, (oh1 - 1 - oh0) * sh + span
+
+
 @jit_parallel
 def _conv_depthwise_rows_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo, rows_per_task, out):
     """Depthwise 3x3 / 5x5, channels a multiple of 16, NHWC, flat arrays. A task (one image,
@@ -227,11 +236,7 @@ def _conv_depthwise_rows_kernel(x, x_zp, wf, bias, mult, y_zp, lo, hi, dims, geo
     wc = w * c_n
     n_rt = (oh_n + rows_per_task - 1) // rows_per_task
     for t in prange(n_b * n_rt):
-        n = t // n_rt
-        oh0 = (t % n_rt) * rows_per_task
-        oh1 = min(oh_n, oh0 + rows_per_task)
-        ih0 = oh0 * sh - pt
-        n_in = (oh1 - 1 - oh0) * sh + (kh_n - 1) * dh + 1
+        n, oh0, oh1, ih0, n_in = _row_task(t, n_rt, rows_per_task, oh_n, sh, pt, (kh_n - 1) * dh + 1)
         rows = np.empty(n_in * rl, np.float32)
         for r in range(n_in):
             ih = ih0 + r
@@ -383,11 +388,7 @@ def _conv_depthwise_vnni_kernel(x, zx, wq, bias, mult, y_zp, lo, hi, dims, geo, 
     wc = w * c_n
     n_rt = (oh_n + rows_per_task - 1) // rows_per_task
     for t in prange(n_b * n_rt):
-        n = t // n_rt
-        oh0 = (t % n_rt) * rows_per_task
-        oh1 = min(oh_n, oh0 + rows_per_task)
-        ih0 = oh0 * sh - pt
-        n_in = (oh1 - 1 - oh0) * sh + 2 * dh + 1
+        n, oh0, oh1, ih0, n_in = _row_task(t, n_rt, rows_per_task, oh_n, sh, pt, 2 * dh + 1)
         rows = np.empty(n_in * rl, np.uint8)
         for r in range(n_in):
             ih = ih0 + r
