@@ -245,29 +245,32 @@ def plan(p: IGemmPack, x_shape, out_shape, strides=(1, 1), pads=(0, 0, 0, 0), di
     return dims, geo, direct, rt_per, pg_per, n * oh * ow == 0
 
 
+def _kernel_args(p: IGemmPack, args: tuple, xu: np.ndarray, out: np.ndarray) -> tuple:
+    """``_igemm_kernel``'s arguments for a ``plan`` on the uint8 input ``xu`` (already flipped)."""
+    dims, geo, direct, rt_per, pg_per, _ = args
+    return (xu.reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1), p.mult.reshape(-1),
+            p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
+
+
 def execute(p: IGemmPack, args: tuple, x: np.ndarray, out: np.ndarray) -> None:
     """Run ``_igemm_kernel`` with a ``plan`` on the C-contiguous NHWC ``x`` into the C-contiguous ``out``."""
-    dims, geo, direct, rt_per, pg_per, empty = args
-    if empty:
+    if args[-1]:  # empty
         return
     xu = x.view(np.uint8)
     if p.flip:
         xu = np.bitwise_xor(xu, np.uint8(p.flip))
-    _igemm_kernel(xu.reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1),
-                  p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
+    _igemm_kernel(*_kernel_args(p, args, xu, out))
 
 
 def bind(p: IGemmPack, args: tuple, x: np.ndarray, out: np.ndarray):
     """A zero-argument callable running ``execute(p, args, x, out)`` on exactly these C-contiguous
     buffers, with every array argument flattened once (for callers that run the same shapes from
     the same buffers many times)."""
-    dims, geo, direct, rt_per, pg_per, empty = args
-    if empty:
+    if args[-1]:  # empty
         return lambda: None
     if p.flip:  # int8 activations are flipped into a private buffer on every call
         return lambda: execute(p, args, x, out)
-    call = (x.view(np.uint8).reshape(-1), dims, geo, p.zfill, direct, p.packed.reshape(-1), p.bias.reshape(-1),
-            p.mult.reshape(-1), p.y_zp, p.lo, p.hi, p.isa, rt_per, pg_per, out.view(np.uint8).reshape(-1))
+    call = _kernel_args(p, args, x.view(np.uint8), out)
     kernel = _igemm_kernel
     return lambda: kernel(*call)
 
