@@ -194,7 +194,7 @@ def bind_global_average_pool(x, x_scale, x_zp, y_scale, y_zp, out, *, out_range=
     ratio = _scale_ratio(x_scale, y_scale)
     n, h, w, c = x.shape
     if h * w == 0:
-        raise ValueError(f"x must have a non-empty spatial plane, got shape {x.shape}")
+        raise ValueError(f"x must have a non-empty spatial plane, got NHWC shape {x.shape}")
     check_out("out", out, (n, 1, 1, c), np.asarray(y_zp).dtype)
     y = out.view(np.uint8)
     kernel = _global_avg_pool_kernel
@@ -205,17 +205,7 @@ def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, *, out_range=None, layo
     """GlobalAveragePool in QDQ form (output ``(N, C, 1, 1)`` or ``(N, 1, 1, C)``)."""
     check_layout(layout)
     check_array("x", x, ndim=4)
-    if np.asarray(x_zp).dtype != x.dtype:
-        raise TypeError(f"x_zero_point dtype {np.asarray(x_zp).dtype} differs from x's dtype {x.dtype}")
-    zx = check_zero_point("x_zero_point", x_zp)
-    zy = check_zero_point("y_zero_point", y_zp)
-    dtype = np.asarray(y_zp).dtype
-    lo, hi = check_out_range(out_range, dtype)
-    ratio = _scale_ratio(x_scale, y_scale)
     xn = to_nhwc(x, layout)
-    n, h, w, c = xn.shape
-    if h * w == 0:
-        raise ValueError(f"x must have a non-empty spatial plane, got shape {x.shape}")
-    out = _pool_out(out, (n, 1, 1, c), dtype, layout)
-    _global_avg_pool_kernel(xn, int(zx[0]), ratio, int(zy[0]), lo, hi, out.view(np.uint8))
+    out = _pool_out(out, (xn.shape[0], 1, 1, xn.shape[3]), np.asarray(y_zp).dtype, layout)
+    bind_global_average_pool(xn, x_scale, x_zp, y_scale, y_zp, out, out_range=out_range)()
     return from_nhwc(out, layout)
