@@ -56,3 +56,16 @@ def assert_parity(
 
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of ``model`` by name: initializers and ``Constant`` nodes' ``value``."""
+    from onnx import numpy_helper
+
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(a.t)
+    return out

@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import onnx_compress
 from onnx_compress.passes import BatchNormToMulAddPass
-from tests.numerics import assert_parity, op_count
+from tests.numerics import assert_parity, constant_arrays as _constants, op_count
 from tests.test_fold_batchnorm import Builder, assert_declined, ops, run_pass
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
 
 
 @pytest.mark.parametrize("shape", [[2, 5], [2, 5, 7], [1, 5, 4, 6], [1, 5, 2, 3, 4]])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from onnx_compress.prune import list_groups, masked_reference, prune
-from tests.numerics import assert_parity, run
+from tests.numerics import assert_parity, constant_arrays as weights, run
 
 REL_TOL = 1e-4  # the acceptance bound: pruned == masked within 1e-4 of output range
 
@@ -49,16 +49,6 @@ def export(module: nn.Module, shape, *, dynamo: bool = False) -> onnx.ModelProto
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=False,
                           input_names=["x"], output_names=["y"])
     return onnx.load_from_string(buf.getvalue())
-
-
-def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
-    return out
 
 
 def conv_attr(model: onnx.ModelProto, weight: str, name: str, default=1):

@@ -34,13 +34,12 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from onnx_compress.ir.stats import count_macs
 from onnx_compress.passes.calibration import with_outputs
 from onnx_compress.prune import masked_reference, prune
 from tests import real_models as rm
-from tests.numerics import assert_parity, run
+from tests.numerics import assert_parity, constant_arrays as weights, run
 
 REL_TOL = 1e-4  # the acceptance bound: pruned == masked within 1e-4 of each tensor's range
 HEAD_DEPTH = 4  # how far back from a graph output to look for the final Sigmoid/Softmax
@@ -48,16 +47,6 @@ SATURATING = ("Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid")
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
-    return out
 
 
 def head_tensors(model: onnx.ModelProto, depth: int = HEAD_DEPTH) -> list[str]:

@@ -45,7 +45,7 @@ from onnx_compress.ir.graph import to_graph, to_model
 from torch import nn
 
 from onnx_compress.prune import list_groups, masked_reference, prune
-from tests.numerics import assert_parity, run
+from tests.numerics import assert_parity, constant_arrays as constants, run
 
 REL_TOL = 1e-4  # the acceptance bound: pruned == masked within 1e-4 of output range
 
@@ -67,16 +67,6 @@ def export(module: nn.Module, shape, *, dynamo: bool = False, dynamic: dict | No
                           input_names=["x"], output_names=["y"],
                           dynamic_axes=None if dynamic is None else {"x": dynamic, "y": dynamic})
     return onnx.load_from_string(buf.getvalue())
-
-
-def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
-    return out
 
 
 def attr(model: onnx.ModelProto, op: str, name: str):
