@@ -13,6 +13,34 @@ import numpy as np
 import onnx
 
 
+def pruning_digits_net():
+    """The conv net (3 Conv+BN+ReLU, 2 Linear) that the pruning-reconstruction test and
+    ``benchmarks/bench_prune_accuracy.py`` train on the digits, untrained and seeded by the caller."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class DigitsNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.b1 = nn.BatchNorm2d(16)
+            self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.b2 = nn.BatchNorm2d(32)
+            self.c3 = nn.Conv2d(32, 32, 3, padding=1, stride=2)
+            self.b3 = nn.BatchNorm2d(32)
+            self.fc1 = nn.Linear(32 * 16, 48)
+            self.fc2 = nn.Linear(48, 10)
+
+        def forward(self, x):
+            x = F.relu(self.b1(self.c1(x)))
+            x = F.relu(self.b2(self.c2(x)))
+            x = F.relu(self.b3(self.c3(x)))
+            return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+    return DigitsNet()
+
+
 def digits_split(train_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): 8x8 images scaled to [0, 1] as [N, 1, 8, 8] float32,
     split by a permutation seeded 0."""

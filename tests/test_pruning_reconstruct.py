@@ -22,7 +22,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
@@ -36,31 +35,13 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-class DigitsNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.b2 = nn.BatchNorm2d(32)
-        self.c3 = nn.Conv2d(32, 32, 3, padding=1, stride=2)
-        self.b3 = nn.BatchNorm2d(32)
-        self.fc1 = nn.Linear(32 * 16, 48)
-        self.fc2 = nn.Linear(48, 10)
-
-    def forward(self, x):
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        x = F.relu(self.b3(self.c3(x)))
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
 @pytest.fixture(scope="module")
 def digits_model():
-    from tests.digits import digits_split, train_and_export
+    from tests.digits import digits_split, pruning_digits_net, train_and_export
 
     x_train, y_train, x_test, y_test = digits_split(1300)
-    model = train_and_export(DigitsNet, x_train, y_train, epochs=6, lr=1e-2, output_name="y", seeded_shuffle=True)
+    model = train_and_export(pruning_digits_net, x_train, y_train, epochs=6, lr=1e-2, output_name="y",
+                             seeded_shuffle=True)
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 3
     return model, x_train, x_test, y_test
 
