@@ -4,16 +4,22 @@ Why a process each. Two inference engines (or two ONNX Runtime sessions) in one 
 each other: ONNX Runtime's intra-op worker threads *spin* after a run while they wait for the next
 one (``session.intra_op.allow_spinning``, on by default), and Numba's OpenMP threads do the same
 unless ``OMP_WAIT_POLICY=PASSIVE``. Run A then B in one process and B shares the two cores with A's
-spinning worker. Measured on this 2-core machine (2 threads, medians of 30):
+spinning worker. Measured on this 2-core machine (2 threads; the same script run with
+``--isolation interleaved`` and then with the default ``--isolation process``, 2026-11-28 01:25):
 
-=========================================  ==================  ======================
-contestants                                interleaved, one    one process each
-                                           process
-=========================================  ==================  ======================
-ResNet-50 pruned to half the MACs, b1      63.5 ms             41.0 ms
-ResNet-50 unpruned, b1                     90.1 ms             77.9 ms
-MobileNetV2 INT8 QDQ in ORT, b1            10.2 ms             4.3 ms
-=========================================  ==================  ======================
+===============================================  ==================  ======================
+contestant                                       interleaved, one    one process each
+                                                 process (median)    (best process median)
+===============================================  ==================  ======================
+ResNet-50 pruned to half the MACs, b1            49.5 ms             32.2 ms
+ResNet-50 unpruned, b1                           76.6 ms             47.0 ms
+MobileNetV2 INT8 QDQ in ORT, b1                  14.1 ms             4.1 ms
+MobileNetV2 INT8 QDQ, Numba back end, b1         17.8 ms             4.9 ms
+===============================================  ==================  ======================
+
+(``python benchmarks/bench_prune.py --models resnet50 --ratios 0.3 --batches 1 --repeats 10
+--rounds 3 --isolation interleaved|process`` and ``python benchmarks/bench_runtime.py --models
+mobilenet_v2 --batches 1 --repeats 20 --rounds 3 --no-cold --isolation interleaved|process``.)
 
 So every contestant here runs the way it is deployed: alone in its process, with its engine's own
 default thread policy. Load drift on a shared machine is handled by alternation instead of
@@ -22,9 +28,10 @@ fresh process (``warmup`` untimed runs, then ``repeats`` timed ones). Per contes
 median (and p90) over all its timed runs, the median process CPU time of one run (all threads of
 that process), and ``best_median_s``: the smallest of its per-process medians.
 
-Why the last one. On this VM a whole process runs fast or slow: the same unpruned ResNet-50 at
-batch 1 measured 41, 57 and 60 ms as the median of three rounds of processes in one run, and ORT's
-MobileNetV2 INT8 4.2-5.6 ms. Interference only ever adds time, so the best per-process median is
+Why the last one. On this VM a whole process runs fast or slow: the per-process medians of one
+contestant in one run differ by up to 1.9x (``process_medians_s`` in the result; e.g. ORT FP32
+ResNet-18 batch 1, 17.1 to 32.7 ms in the bench_runtime run quoted in benchmarks/README.md).
+Interference only ever adds time, so the best per-process median is
 the steadiest estimate of a contestant's own speed; the benchmarks' verdicts use its ratios and
 print the pooled medians beside them.
 
