@@ -26,7 +26,7 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   258 of them stays below 2**24; 16 channels per vector step (``microkernel.dw_*``), interior
   3x3/5x5 pixels with the accumulator in a register; the int32 bias is added after the exact
   conversion back to an integer. 3x3/5x5 with channels a multiple of 16 (MobileNet's depthwise
-  layers), where ``_rows_pay_off`` (1.2-2.5x there), take ``_conv_depthwise_rows_kernel`` instead:
+  layers), where ``_rows_pay_off``, take ``_conv_depthwise_rows_kernel`` instead:
   a task converts the input rows it reads once to float32 ``x - z_x`` in a zero-padded buffer
   and ``microkernel.dw_row*`` sweeps each output row with the weights held in registers.
   On AVX512-VNNI CPUs, 3x3 depthwise layers with uint8 activations, int8 weights of zero point 0
@@ -34,8 +34,9 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   them) use ``_conv_depthwise_vnni_kernel`` before either: input rows copied once per task into a
   zero-point-padded byte buffer, the nine taps of 16 channels interleaved into three 64-byte
   vectors and summed by three ``vpdpbusd`` (exact int32; the activation zero point folded into the
-  bias as for the GEMM tiles). Measured single-threaded, min of 25 alternated runs: 1.3-2.2x the
-  float kernels on every MobileNetV2 depthwise shape, batch 1 and 8.
+  bias as for the GEMM tiles). ``python benchmarks/bench_kernels.py --parts depthwise`` times the
+  three side by side on MobileNetV2's shapes: measured 2026-11-28, the VNNI kernel was the fastest
+  on all ten, 1.0-1.9x the better float kernel at 1 thread and 1.06-1.6x at 2 threads.
   Channel multipliers > 1 use the generic int32 kernel.
 
 Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
@@ -420,10 +421,12 @@ def pack_depthwise_vnni(w: np.ndarray, bias: np.ndarray, zx: int) -> tuple[np.nd
 
 
 def _rows_pay_off(params: QConvParams, out_shape) -> bool:
-    """Where the row-sweeping depthwise kernel beat the per-pixel one (min of 30 alternated runs,
-    1 and 2 threads, batch 1 and 8): stride 1 with output maps of at least 14 rows, stride 2 with
-    at least 28 (each converted input row serves fewer outputs there); 7x7 maps are too short to
-    amortise a task's set-up."""
+    """Where the row-sweeping depthwise kernel is used instead of the per-pixel one: stride 1 with
+    output maps of at least 14 rows, stride 2 with at least 28 (each converted input row serves
+    fewer outputs there); 7x7 maps are too short to amortise a task's set-up. Chosen on timings
+    of the kind ``benchmarks/bench_kernels.py --parts depthwise`` prints; its 2026-11-28 run: up to
+    2.1x on 112x112 and 56x56 stride-1 maps, 0.9-1.3x at the chosen stride-2 and 14x14 shapes
+    (about even), slower on 7x7 maps (0.73-0.98x), which therefore stay per pixel."""
     rows = out_shape[1]
     return (params.strides == (1, 1) and rows >= 14) or (params.strides == (2, 2) and rows >= 28)
 
