@@ -36,7 +36,7 @@ Kernels, chosen once at packing time (``prepare_qconv``):
   vectors and summed by three ``vpdpbusd`` (exact int32; the activation zero point folded into the
   bias as for the GEMM tiles). ``python benchmarks/bench_kernels.py --parts depthwise`` times the
   three side by side on MobileNetV2's shapes: measured 2026-11-28, the VNNI kernel was the fastest
-  on all ten, 1.0-1.9x the better float kernel at 1 thread and 1.06-1.6x at 2 threads.
+  on all ten, 1.0-1.9x the better float kernel at 1 thread and 1.06-1.8x at 2 threads.
   Channel multipliers > 1 use the generic int32 kernel.
 
 Shapes whose worst-case accumulator could overflow int32 are refused (``check_accumulator``).
@@ -426,7 +426,7 @@ def _rows_pay_off(params: QConvParams, out_shape) -> bool:
     fewer outputs there); 7x7 maps are too short to amortise a task's set-up. Chosen on timings
     of the kind ``benchmarks/bench_kernels.py --parts depthwise`` prints; its 2026-11-28 run: up to
     2.1x on 112x112 and 56x56 stride-1 maps, 0.9-1.3x at the chosen stride-2 and 14x14 shapes
-    (about even), slower on 7x7 maps (0.73-0.98x), which therefore stay per pixel."""
+    (about even), no better on 7x7 maps (0.74-1.02x), which therefore stay per pixel."""
     rows = out_shape[1]
     return (params.strides == (1, 1) and rows >= 14) or (params.strides == (2, 2) and rows >= 28)
 
