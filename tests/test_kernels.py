@@ -282,6 +282,15 @@ def test_quantize_to_nhwc_matches_reference_transposed(data, dt):
     np.testing.assert_array_equal(got, R.quantize_linear(x, scale, zp).transpose(0, 2, 3, 1))
 
 
+def test_quantize_to_nhwc_refuses_what_it_cannot_do():
+    """Per-tensor and 4-D only: a per-axis scale or a 3-D tensor is refused, naming the problem."""
+    x = np.zeros((1, 3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="per-tensor"):
+        K.quantize_linear_to_nhwc(x, np.ones(3, np.float32), np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        K.quantize_linear_to_nhwc(x[0], np.float32(1), np.uint8(0))
+
+
 def test_quantize_rounds_half_to_even_saturates_and_maps_nan_to_zero_point():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 1e9, -1e9, np.nan, np.inf], np.float32)
     q = K.quantize_linear(x, np.float32(1.0), np.int8(0))
