@@ -142,6 +142,7 @@ def _quantize(model: onnx.ModelProto, opts: CompressOptions):
         exclude=opts.exclude,
         cle=opts.cle,
         bias_correction=opts.bias_correction,
+        equalize=opts.equalize,
         min_agreement=opts.min_agreement,
         op_types=opts.quantize_ops or None,
         preprocessing=opts.image_preprocessing(),

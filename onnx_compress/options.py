@@ -93,6 +93,8 @@ class CompressOptions:
     cle: bool = _opt(False, "--cle", "cross-layer equalization before quantizing (off by default: measured worse on MobileNetV2)",
                      kind="flag", group="quantize")
     bias_correction: bool = _opt(True, "--no-bias-correction", "skip empirical bias correction", kind="negflag", group="quantize")
+    equalize: bool = _opt(True, "--no-equalize", "skip activation range equalization (ReLU/ReLU6 outputs read by "
+                          "depthwise Convs)", kind="negflag", group="quantize")
     min_agreement: float | None = _opt(None, "--min-agreement", "keep the most sensitive layers in float until top-1 agreement "
                                        "with FP32 on a held-back split reaches this", metavar="X", type=float, group="quantize")
     exclude: tuple[str, ...] = _opt((), "--exclude", "comma-separated node names, regexes or op types left in float",

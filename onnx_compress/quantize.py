@@ -143,6 +143,8 @@ class QuantReport:
     seconds: dict[str, float] = field(default_factory=dict)
     #: cross-layer equalization: pairs equalized (None: not run)
     cle_pairs: int | None = None
+    #: activation equalization: activation tensor -> geometric mean of its channel scales (None: not run)
+    equalized: dict[str, float] | None = None
     #: bias correction: node -> largest per-channel mean shift removed (None: not run)
     bias_shifts: dict[str, float] | None = None
     #: layers kept in float by mixed precision (most sensitive first)
@@ -172,6 +174,7 @@ class QuantReport:
             ],
             "seconds": self.seconds,
             "cle_pairs": self.cle_pairs,
+            "equalized": self.equalized,
             "bias_correction": self.bias_shifts,
             "float_layers": self.float_layers,
             "holdout_agreement": None if self.holdout is None else self.holdout.as_dict(),
@@ -235,6 +238,7 @@ def quantize(
     progress: bool | None = None,
     target: str = "ort",
     smooth: float | None = None,
+    equalize: bool = True,
 ) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` to INT8 QDQ with calibration data ``calib``.
 
@@ -258,6 +262,10 @@ def quantize(
     all-MiniLM-L6-v2 with only MatMul quantized (``op_types={"MatMul", "Gemm"}``, ``method="minmax"``)
     keeps mean embedding cosine 0.9885 without it, 0.9916 with 0.5 and 0.9966 with 0.7
     (``tests/test_quantize_minilm.py``).
+    ``equalize``: activation range equalization of the ReLU/ReLU6 outputs read by depthwise Convs
+    (:mod:`~onnx_compress.passes.equalize_activations`; computed on the calibration part). On by
+    default: MobileNetV2's logits SQNR 16.2 -> 18.0 dB (module docstring); nets without such
+    chains are untouched.
     ``batch_size``: calibration samples per ONNX Runtime run. Peak memory grows with it, not with
     the number of samples: ResNet-50 peaks at 1.38 GB with 4 and 2.5 GB with 16
     (``python benchmarks/bench_calibration.py --batch-size 4``), hence the default of 4.
@@ -317,6 +325,18 @@ def quantize(
             progress=progress,
         )
         config = config.replace(exclude=config.exclude + tuple(smoothing))  # the Muls read the outliers
+    reference_model = float_model  # what agreement is measured against (equalization is not exact)
+    equalized = None
+    if equalize and data.size is None:
+        logger.warning("activation equalization skipped: the calibration data can be read only once")
+    elif equalize:
+        from .passes.equalize_activations import equalize_activations
+
+        t_equalize = time.perf_counter()
+        float_model, equalized = equalize_activations(
+            float_model, data, select=lambda n: "Conv" in config.op_types and config.selects(n), progress=progress,
+        )
+        seconds["equalize"] = time.perf_counter() - t_equalize
     plan = plan_quantization(to_graph(float_model), config)
     collector = collect_statistics(
         float_model, data, plan.quantized, histogram=method != "minmax", batch_size=batch_size, progress=progress,
@@ -328,7 +348,7 @@ def quantize(
             stats, method, symmetric=config.symmetric, percentile=percentile,
             num_quantized_bins=256 if unsigned_levels else 128, levels=255,
         )
-    seconds["calibrate"] = time.perf_counter() - t0
+    seconds["calibrate"] = time.perf_counter() - t0 - seconds.get("equalize", 0.0)
 
     def insert(excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, InsertQDQPass, Any]:
         source = float_model
@@ -373,7 +393,7 @@ def quantize(
     sensitivity = None
     if held is not None:
         t0 = time.perf_counter()
-        reference = run_outputs(float_model, held)
+        reference = run_outputs(reference_model, held)
         held_agreement = agreement(reference, run_outputs(quantized, held))
         if min_agreement is not None and (held_agreement.top1 or 0.0) < min_agreement:
             if held_agreement.top1 is None:
@@ -434,6 +454,7 @@ def quantize(
         sensitivity=sensitivity,
         seconds=seconds,
         cle_pairs=cle_pairs,
+        equalized=None if equalized is None else {p.tensor: p.mean_scale for p in equalized},
         bias_shifts=bias_shifts,
         float_layers=float_layers,
         holdout=held_agreement,

@@ -56,8 +56,8 @@ def smoothing_targets(graph: gs.Graph, select=lambda node: True) -> dict[str, li
 
 
 def channel_absmax(model: onnx.ModelProto, names: list[str], feeds: Iterable[Mapping[str, np.ndarray]],
-                   *, progress: bool | None = None) -> dict[str, np.ndarray]:
-    """Running ``max |x|`` over every axis but the last, per tensor in ``names``."""
+                   *, axis: int = -1, progress: bool | None = None, desc: str = "smoothing statistics") -> dict[str, np.ndarray]:
+    """Running ``max |x|`` over every axis but ``axis`` (the channel axis), per tensor in ``names``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -66,9 +66,10 @@ def channel_absmax(model: onnx.ModelProto, names: list[str], feeds: Iterable[Map
                                    providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     absmax: dict[str, np.ndarray] = {}
-    for feed in progress_bar(feeds, desc="smoothing statistics", enabled=progress):
+    for feed in progress_bar(feeds, desc=desc, enabled=progress):
         for name, value in zip(names, session.run(names, {k: feed[k] for k in inputs})):
-            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            channels = np.moveaxis(value, axis, -1)
+            m = np.abs(channels.reshape(-1, channels.shape[-1])).max(axis=0)
             absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)
     return absmax
 
