@@ -5,8 +5,9 @@ QLinearConv takes a per-tensor input scale), so a channel whose values stay far 
 tensor's range is quantized with a step far too coarse for it. A depthwise Conv then passes
 that channel's rounding noise on with no averaging over channels (each output channel sees 9
 values of one input channel). On MobileNetV2, the ReLU6 outputs read by depthwise convs carry
-about a third of the activation noise in the logits (``python benchmarks/bench_quantize_noise.py
---per-tensor``).
+about a third of the activation noise in the logits, ``features.0``'s alone 16.8 %; with this
+rewrite the activations' noise falls from 16.8 to 18.8 dB below the logits and ``features.0``'s
+share to 6.1 % (``python benchmarks/bench_quantize_noise.py --per-tensor [--no-equalize]``).
 
 The rewrite, for ``Conv1 -> f -> DW`` with ``f`` a ``Relu`` or ``Clip(0, hi)`` and ``DW`` a Conv
 with one input channel per group (depthwise; channel multiplier ``k`` allowed), and a scale

@@ -106,9 +106,10 @@ def test_mobilenet_v2_int8_default_pipeline_beats_ort(mobilenet, default_run, re
     assert ours >= ort_channel + 0.20, (ours, ort_channel)
 
 
-@pytest.mark.xfail(strict=True, reason="the default pipeline reaches 87.5 % on this split, the bar is 95 %; "
-                                       "sequential error-compensating GPTQ did not close the gap (overfits 32 "
-                                       "views); measurements in onnx_compress/quantize.py")
+@pytest.mark.xfail(strict=True, reason="the default pipeline reaches 88.9 % on this split (lottery mean 64.6 "
+                                       "of 72 views), the bar is 95 %, which needs ~24 dB logits SQNR against "
+                                       "18.0 dB: 8-bit activations would need ~1/10 of their noise; "
+                                       "measurements in onnx_compress/quantize.py")
 def test_mobilenet_v2_int8_default_pipeline_reaches_the_bar(default_run):
     quantized, report, ours = default_run
     assert ours >= 0.95, (ours, report.summary())
