@@ -92,7 +92,7 @@ metric's noise. Scaling the INT8 logit error by ``f`` gives 66/72 at ``f = 0.7``
 is tuned for quantized activations; 25.5 dB in the table without it), spread over 65 tensors,
 the largest the ReLU6 outputs that feed the 1x1 projections (``features.15/conv.1`` 13 %,
 ``features.10/conv.1`` 12 %) and the last residual sums (``features.16/Add`` 8.5 %). With weights
-at 25.5 dB, 24 dB leaves the activations a budget near 29 dB: about a tenth of their noise power
+at 25.5 dB, 24 dB leaves the activations a budget near 30 dB: about a tenth of their noise power
 now, i.e. more than 1.5 extra bits on the per-tensor 8-bit activations ONNX Runtime's integer
 kernels take (8-bit weights at 30 dB still leave 25 dB: a quarter). Rescaling the projections'
 inputs the same way as the depthwise ones (dense consumers, several strengths) measured worse.
