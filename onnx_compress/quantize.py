@@ -95,7 +95,8 @@ the largest the ReLU6 outputs that feed the 1x1 projections (``features.15/conv.
 at 25.5 dB, 24 dB leaves the activations a budget near 30 dB: about a tenth of their noise power
 now, i.e. more than 1.5 extra bits on the per-tensor 8-bit activations ONNX Runtime's integer
 kernels take (8-bit weights at 30 dB still leave 25 dB: a quarter). Rescaling the projections'
-inputs the same way as the depthwise ones (dense consumers, several strengths) measured worse.
+inputs the same way as the depthwise ones (dense consumers, several strengths) measured worse in
+an experiment whose script was not kept (no figures).
 An output-aware search of the
 activation ranges (coordinate descent on the calibration logits' MSE, candidates scored over
 small perturbations to beat the lottery) was tried in an experiment whose code was not kept: a

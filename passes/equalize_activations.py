@@ -35,9 +35,12 @@ the rewrite channel ``i``'s rounding step, in its original units, is ``1 / s_i``
 Why only depthwise consumers. A depthwise Conv's weights are quantized per output channel, and
 each output channel reads one input channel, so dividing its weights by ``s_i`` changes no
 quantization error. A dense consumer mixes channels within each per-output-channel weight scale:
-its weight rounding error on channel ``i`` is amplified by ``s_i``, which measured a net loss on
-MobileNetV2 (logits SQNR 17.8 dB with dense consumers at ``s^0.25``, 18.05 dB depthwise only;
-16.15 dB without equalization; 32 calibration views, 72 evaluation views, ORT ``ENABLE_ALL``).
+its weight rounding error on channel ``i`` is amplified by ``s_i``. On MobileNetV2 (32
+calibration views, 72 evaluation views, ORT ``ENABLE_ALL``) rescaling the projections' inputs as
+well, at several strengths (``s``, ``s^0.5``, ``s^0.25``, scales balanced against the weight
+columns), lowered the logits SQNR below the depthwise-only rewrite in every variant; that
+experiment's script is not kept, so no figures are quoted for it. The depthwise-only figures:
+``python benchmarks/bench_quantize_noise.py [--no-equalize]``.
 
 Declined (left as they are): ``Conv1``'s output or ``f``'s output read by anything else or a graph
 output; weights or bias not constant float or shared with other nodes; ``Clip`` bounds that are
