@@ -55,8 +55,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -201,4 +201,4 @@ def equalize_activations(
     return to_model(graph, like=model), done
 
 
-__all__ = ["EqualizedPair", "MARGIN", "MAX_SCALE", "channel_scales", "equalize_activations", "find_chains"]
+__all__ = ["MARGIN", "MAX_SCALE", "EqualizedPair", "channel_scales", "equalize_activations", "find_chains"]
