@@ -60,18 +60,13 @@ def bench_depthwise(repeats: int) -> None:
         dims = np.array([n, size, size, c, shape[1], shape[2]], np.int64)
         geo = np.array([3, 3, s, s, 1, 1, 1, 1], np.int64)
         outs = {k: np.empty(shape, np.uint8) for k in ("pixel", "rows", "vnni")}
-        args = (x.reshape(-1), p.x_zp)
-        tail = (p.multiplier, p.y_zp, p.lo, p.hi, dims, geo)
-        calls = {
-            "pixel": lambda: C._conv_depthwise_f32_kernel(*args, p.dw_f32, p.bias, *tail, outs["pixel"].reshape(-1)),
-            "rows": lambda: C._conv_depthwise_rows_kernel(*args, p.dw_f32, p.bias, *tail,
-                                                          C._rows_per_task(p, x.shape, shape, 4),
-                                                          outs["rows"].reshape(-1)),
-        }
+        extras = {"pixel": ("dw_f32", (dims, geo)), "rows": ("dw_rows", (dims, geo, C._rows_per_task(p, x.shape, shape, 4)))}
         if p.dw_vnni is not None:
-            calls["vnni"] = lambda: C._conv_depthwise_vnni_kernel(*args, *p.dw_vnni, *tail,
-                                                                  C._rows_per_task(p, x.shape, shape, 1),
-                                                                  outs["vnni"].reshape(-1))
+            extras["vnni"] = ("dw_vnni", (dims, geo, C._rows_per_task(p, x.shape, shape, 1)))
+        calls = {}
+        for key, (path, extra) in extras.items():
+            kernel, call = C.DEPTHWISE_KERNELS[path], C._depthwise_args(p, path, extra, x, outs[key])
+            calls[key] = lambda kernel=kernel, call=call: kernel(*call)
         for call in calls.values():
             call()
         for key in calls:

@@ -443,6 +443,19 @@ def _rows_per_task(params: QConvParams, x_shape, out_shape, item_bytes: int) -> 
     return min(fit, max(1, -(-out_shape[1] * x_shape[0] // 16)))
 
 
+#: the depthwise paths of ``_plan`` whose kernels take ``_depthwise_args``
+DEPTHWISE_KERNELS = {"dw_f32": _conv_depthwise_f32_kernel, "dw_rows": _conv_depthwise_rows_kernel,
+                     "dw_vnni": _conv_depthwise_vnni_kernel}
+
+
+def _depthwise_args(params: QConvParams, path: str, extra: tuple, x: np.ndarray, out: np.ndarray) -> tuple:
+    """``DEPTHWISE_KERNELS[path]``'s arguments on the C-contiguous NHWC ``x`` and ``out``; ``extra``:
+    the plan's ``(dims, geo)``, plus rows per task for the row kernels."""
+    weights = params.dw_vnni if path == "dw_vnni" else (params.dw_f32, params.bias)
+    return (x.reshape(-1), params.x_zp, *weights, params.multiplier, params.y_zp, params.lo, params.hi, *extra,
+            out.view(np.uint8).reshape(-1))
+
+
 def _plan(params: QConvParams, x: np.ndarray) -> tuple:
     """Validate ``x``'s dtype and shape once per input shape and precompute the kernel arguments."""
     check_array("x", x, dtypes=(params.x_dtype,), ndim=4)
@@ -491,18 +504,8 @@ def run_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray | None = None,
     if path == "fast":
         igemm.execute(params.fast, extra, x, y)
         return y
-    if path == "dw_f32":
-        _conv_depthwise_f32_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
-                                   params.y_zp, params.lo, params.hi, extra[0], extra[1],
-                                   y.view(np.uint8).reshape(-1))
-        return y
-    if path == "dw_rows":
-        _conv_depthwise_rows_kernel(x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier,
-                                    params.y_zp, params.lo, params.hi, *extra, y.view(np.uint8).reshape(-1))
-        return y
-    if path == "dw_vnni":
-        _conv_depthwise_vnni_kernel(x.reshape(-1), params.x_zp, *params.dw_vnni, params.multiplier, params.y_zp,
-                                    params.lo, params.hi, *extra, y.view(np.uint8).reshape(-1))
+    if path in DEPTHWISE_KERNELS:
+        DEPTHWISE_KERNELS[path](*_depthwise_args(params, path, extra, x, y))
         return y
     sh, sw = params.strides
     pt, pl = params.pads[0], params.pads[1]
@@ -542,15 +545,8 @@ def bind_qconv(params: QConvParams, x: np.ndarray, out: np.ndarray, *, scratch: 
         raise ValueError("bind_qconv needs C-contiguous x and out")
     if path == "fast":
         return igemm.bind(params.fast, extra, x, out)
-    if path in ("dw_f32", "dw_rows"):
-        call = (x.reshape(-1), params.x_zp, params.dw_f32, params.bias, params.multiplier, params.y_zp, params.lo,
-                params.hi, *extra, out.view(np.uint8).reshape(-1))
-        kernel = _conv_depthwise_f32_kernel if path == "dw_f32" else _conv_depthwise_rows_kernel
-        return lambda: kernel(*call)
-    if path == "dw_vnni":
-        call = (x.reshape(-1), params.x_zp, *params.dw_vnni, params.multiplier, params.y_zp, params.lo, params.hi,
-                *extra, out.view(np.uint8).reshape(-1))
-        kernel = _conv_depthwise_vnni_kernel
+    if path in DEPTHWISE_KERNELS:
+        kernel, call = DEPTHWISE_KERNELS[path], _depthwise_args(params, path, extra, x, out)
         return lambda: kernel(*call)
     return lambda: run_qconv(params, x, out, scratch=scratch)
 
