@@ -143,12 +143,12 @@ class CompressOptions:
         if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
             raise ValueError(f"--min-agreement must be in (0, 1], got {self.min_agreement}")
         if self.quantize_ops:
-            from .passes.insert_qdq import DEFAULT_OP_TYPES
+            from .passes.insert_qdq import check_op_types
 
-            unknown = sorted(set(self.quantize_ops) - DEFAULT_OP_TYPES)
-            if unknown:
-                raise ValueError(f"--quantize-ops: cannot quantize {', '.join(unknown)}; "
-                                 f"supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
+            try:
+                check_op_types(self.quantize_ops)
+            except ValueError as exc:
+                raise ValueError(f"--quantize-ops: {exc}") from None
         self.image_preprocessing()  # raises ValueError for bad --image-size/--mean/--std
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
             raise ValueError(f"--smooth must be in [0, 1], got {self.smooth}")

@@ -130,7 +130,7 @@ from .passes.calibration import (
 )
 from .passes.bias_correction import apply_biases, empirical_bias_correction
 from .passes.cross_layer_equalization import CrossLayerEqualizationPass
-from .passes.insert_qdq import DEFAULT_OP_TYPES, InsertQDQPass, QuantConfig, plan_quantization
+from .passes.insert_qdq import DEFAULT_OP_TYPES, InsertQDQPass, QuantConfig, check_op_types, plan_quantization
 from .passes.weight_rounding import collect_hessians, gptq_weights
 from .passes.quant_report import (
     Agreement,
@@ -295,9 +295,8 @@ def quantize(
         raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', got {weight_rounding!r}")
     if min_agreement is not None and not 0.0 < min_agreement <= 1.0:
         raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
-    if op_types is not None and not set(op_types) <= DEFAULT_OP_TYPES:
-        unknown = ", ".join(sorted(set(op_types) - DEFAULT_OP_TYPES))
-        raise ValueError(f"cannot quantize op type(s) {unknown}; supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
+    if op_types is not None:
+        check_op_types(op_types)
     if target == "trt":
         activations, symmetric, weight_bits, depthwise_weight_bits = "s8", True, 8, 8
     elif target == "numba":  # ONNX Runtime's QDQ form; the Numba kernels cannot saturate: 8-bit weights

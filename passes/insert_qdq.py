@@ -107,6 +107,14 @@ ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
 POOL_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
 PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 DEFAULT_OP_TYPES = frozenset(WEIGHTED_OPS | ELEMENTWISE_OPS | POOL_OPS | {"Concat", "MaxPool"})
+
+
+def check_op_types(op_types) -> None:
+    """Raise ValueError naming the op types in ``op_types`` that cannot be quantized."""
+    unknown = sorted(set(op_types) - DEFAULT_OP_TYPES)
+    if unknown:
+        raise ValueError(f"cannot quantize op type(s) {', '.join(unknown)}; "
+                         f"supported: {', '.join(sorted(DEFAULT_OP_TYPES))}")
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 FLOAT_DTYPES = (np.float32,)
 TARGETS = ("ort", "trt")
