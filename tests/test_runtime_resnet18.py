@@ -171,15 +171,6 @@ def test_resnet18_ort_qdq_plan_is_integer(resnet18_ort_qdq):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_resnet18_ort_qdq_per_step_within_one_quantization_step(resnet18_ort_qdq):
-    x = np.asarray(RM.imagenet_batch(flips=False))[N_CALIB : N_CALIB + 4]
-    steps = teacher_forced_steps(resnet18_ort_qdq, {"input": x})
-    worst = min(steps, key=steps.get)
-    assert len(steps) >= 30 and steps[worst] >= 0.999, (worst, steps[worst])
-
-
-@pytest.mark.slow
-@pytest.mark.realmodel
 def test_resnet18_ort_qdq_end_to_end(resnet18_ort_qdq):
     e2e = end_to_end(resnet18_ort_qdq, np.asarray(RM.imagenet_batch(flips=True)))
     assert e2e["within_one_step"] is not None, "the logits should be quantized (Gemm lowered)"
@@ -198,9 +189,12 @@ def test_resnet18_ours_qdq_plan_is_integer(resnet18_ours_qdq):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-def test_resnet18_ours_qdq_per_step_within_one_quantization_step(resnet18_ours_qdq):
+@pytest.mark.parametrize("qdq_fixture", ["resnet18_ort_qdq", "resnet18_ours_qdq"])
+def test_resnet18_qdq_per_step_within_one_quantization_step(qdq_fixture, request):
+    """Both quantizers' graphs: each step fed the reference's own quantized inputs."""
+    model = request.getfixturevalue(qdq_fixture)
     x = np.asarray(RM.imagenet_batch(flips=False))[N_CALIB : N_CALIB + 4]
-    steps = teacher_forced_steps(resnet18_ours_qdq, {"input": x})
+    steps = teacher_forced_steps(model, {"input": x})
     worst = min(steps, key=steps.get)
     assert len(steps) >= 30 and steps[worst] >= 0.999, (worst, steps[worst])
 
