@@ -151,3 +151,24 @@ def test_quantize_reports_equalization_and_can_skip_it():
     # the rescaled weights went into the quantized model: its first conv's weights differ
     w_on, w_off = constant_arrays(q_on), constant_arrays(q_off)
     assert any("_aeq" in k for k in w_on) and not any("_aeq" in k for k in w_off)
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_mobilenet_v2_real_photos(tmp_path):
+    """MobileNetV2 (ImageNet weights), calibrated on the 32 real views of ``bench_quantize.py``:
+    all 17 Conv -> ReLU6 -> depthwise chains rewritten; exact (float rounding) on the calibration
+    views, and on the 72 views of the other photos the top-1 class never changes."""
+    pytest.importorskip("torch")
+    from benchmarks import bench_quantize as bench
+    from onnx_compress.quantize import prepare_float_model
+    from tests import real_models as rm
+
+    model = prepare_float_model(onnx.load(str(rm.mobilenet_v2_onnx(tmp_path))))
+    calib, evaluation = bench.data()
+    feeds = [{"input": calib[i : i + 1]} for i in range(len(calib))]
+    out, pairs = equalize_activations(model, feeds)
+    assert len(pairs) == 17 and all(p.scales.max() > 1.0 for p in pairs)
+    assert_parity(model, out, feeds=feeds, samples=0, rel_tol=1e-5)
+    before, after = bench.outputs(model, evaluation), bench.outputs(out, evaluation)
+    np.testing.assert_array_equal(after.argmax(1), before.argmax(1))
