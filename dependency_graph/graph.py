@@ -39,7 +39,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir.graph import constant_value
-from .rules import IMPORTANCE_ROLES, OPERAND, RULES, Barrier, norm_axis, tensor_rank
+from .rules import IMPORTANCE_ROLES, OPERAND, RULES, WEIGHT, Barrier, norm_axis, tensor_rank
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,17 @@ class PruningGroup:
     frozen: bool
     reasons: list[str]
     nodes: list[str]
+
+    @property
+    def atom_width(self) -> int:
+        """Weight channels per group channel, on the narrowest weight member: 1 for plain
+        channels, the channels per conv group of a grouped convolution (or GroupNorm group),
+        ``head_dim`` for attention heads. (Per-group constants such as GroupNorm's
+        InstanceNormalization scale have one entry per atom and do not count.)"""
+        weights = [m for m in self.members if m.is_param and m.role == WEIGHT and m.channels.size]
+        widths = [int(np.bincount(m.channels, minlength=self.channels).min())
+                  for m in weights or [m for m in self.members if m.channels.size]]
+        return max(1, min(widths, default=1))
 
     @property
     def weight_members(self) -> list[Member]:

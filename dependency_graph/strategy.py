@@ -3,19 +3,25 @@
 Uniform ratio: a prunable group with ``C`` channels keeps ``k = kept_count(C, ratio, round_to)``
 of them, the ``k`` highest-scoring (ties: lower channel index first), listed in ascending order.
 
-Rounding (``round_to = r``): hardware kernels are fastest on channel counts that are multiples
-of 8, but forcing a 12-channel group to 8 would prune 33 % when 30 % was asked. So rounding
-applies only to groups with ``C >= 2r`` channels: ``k = r * round(C (1 - ratio) / r)`` (half up),
-clamped to ``[r, C]``; smaller groups (and ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to
-``[1, C]``. A group is never pruned to zero channels, and ``ratio = 0`` keeps all ``C`` (a
-42-channel group is not rounded to 40). Note that a "channel" is the group's
-pruning atom: for a grouped convolution it is a whole conv group.
+Rounding (``round_to = r``): hardware kernels run whole channel blocks (ONNX Runtime's NCHWc
+convolutions: 8 channels on AVX2, 16 on AVX-512), so a group of ``C >= r`` channels keeps a
+multiple of ``r`` (at least ``r``) or all ``C``, whichever is nearest to ``C (1 - ratio)`` (ties:
+the larger). A kept count off the block costs more than it saves: MobileNetV2 pruned to half its
+MACs with ``r = 8`` on an AVX-512 machine pads 40-channel convolutions to 48 and reorders an
+8-channel stream out of the blocked layout (``benchmarks/bench_prune.py --round-to 8`` against
+16). A group of exactly ``r`` channels is therefore not pruned, and ``ratio = 0`` keeps all
+``C`` (a 42-channel group is not rounded to 40). Groups with fewer than ``r`` channels (and every
+group when ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to ``[1, C]``. A "channel" here is
+the group's pruning atom, ``w`` tensor channels wide (:attr:`PruningGroup.atom_width`: a whole
+conv group of a grouped convolution, a whole attention head); its atoms are rounded to
+multiples of ``r / gcd(r, w)``, which keeps the tensor channels multiples of ``r`` (8 conv groups
+of 4 channels under ``r = 8``: an even number of groups; heads of 64 channels: any number).
 
 Global ranking (:func:`global_plan`): each group's scores are normalised by their mean,
 ``s'_g(k) = s_g(k) / mean_k s_g(k)`` (so groups measured on different scales compete fairly),
 and one threshold ``t`` removes every channel with ``s'_g(k) < t``, at most
-``floor(C_g * max_group_ratio)`` per group; the kept count is then rounded as above (rounded up
-again by ``round_to`` when rounding broke the cap). With ``ratio`` the threshold is the smallest
+``floor(C_g * max_group_ratio)`` per group; the kept count is then rounded as above (raised to the
+next allowed count when rounding broke the cap). With ``ratio`` the threshold is the smallest
 ``t`` that removes at least ``ratio`` of all prunable channels (bisection; capped groups can make
 less reachable).
 
@@ -75,15 +81,27 @@ logger = logging.getLogger(__name__)
 Plan = dict[int, np.ndarray]  # group id -> kept channel indices (ascending)
 
 
+def allowed_counts(channels: int, round_to: int) -> list[int]:
+    """Kept counts a group of ``channels`` may have under ``round_to`` (ascending)."""
+    if round_to > 1 and channels >= round_to:
+        counts = list(range(round_to, channels + 1, round_to))
+        return counts if counts[-1] == channels else counts + [channels]
+    return list(range(1, channels + 1))
+
+
+def atom_round_to(group, round_to: int) -> int:
+    """``round_to`` in units of the group's atoms (module docstring)."""
+    return round_to // math.gcd(round_to, group.atom_width) if round_to > 1 else round_to
+
+
 def kept_count(channels: int, ratio: float, round_to: int = 8) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:  # rounding alone never removes channels (42 would round to 40)
         return channels
     target = channels * (1.0 - ratio)
-    if round_to > 1 and channels >= 2 * round_to:
-        k = round_to * int(math.floor(target / round_to + 0.5))
-        return max(round_to, min(channels, k))
+    if round_to > 1 and channels >= round_to:
+        return min(allowed_counts(channels, round_to), key=lambda k: (abs(k - target), -k))
     return max(1, min(channels, int(math.floor(target + 0.5))))
 
 
@@ -98,7 +116,7 @@ def uniform_plan(
     """Kept channels per prunable group; groups that lose nothing are left out of the plan."""
     plan: Plan = {}
     for group in dg.prunable:
-        k = kept_count(group.channels, ratio, round_to)
+        k = kept_count(group.channels, ratio, atom_round_to(group, round_to))
         if k < group.channels:
             plan[group.id] = top_k(np.asarray(scores[group.id]), k)
     return plan
@@ -109,9 +127,8 @@ def _kept_with_cap(channels: int, removed: int, max_group_ratio: float, round_to
     removed = min(removed, cap)
     k = kept_count(channels, removed / channels, round_to) if removed else channels
     floor_k = channels - cap
-    step = round_to if (round_to > 1 and channels >= 2 * round_to) else 1
-    while k < floor_k:
-        k = min(channels, k + step)
+    if k < floor_k:  # rounding broke the cap: the fewest allowed channels that respect it
+        k = next(c for c in allowed_counts(channels, round_to) if c >= floor_k)
     return k
 
 
@@ -136,7 +153,8 @@ def threshold_plan(
     plan: Plan = {}
     for group in dg.prunable:
         s = normalised[group.id]
-        k = _kept_with_cap(group.channels, int((s < threshold).sum()), max_group_ratio, round_to)
+        k = _kept_with_cap(group.channels, int((s < threshold).sum()), max_group_ratio,
+                           atom_round_to(group, round_to))
         if k < group.channels:
             plan[group.id] = top_k(s, k)
     return plan
@@ -307,7 +325,7 @@ def weighted_plan(
     for group in dg.prunable:
         r = 1.0 - (1.0 - ratio) ** exponents.get(group.id, 1.0)
         r = min(r, max_group_ratio, 0.999)
-        k = kept_count(group.channels, r, round_to) if r > 0 else group.channels
+        k = kept_count(group.channels, r, atom_round_to(group, round_to)) if r > 0 else group.channels
         if k < group.channels:
             plan[group.id] = top_k(np.asarray(scores[group.id]), k)
     return plan

@@ -297,8 +297,14 @@ def test_union_find_components():
 
 @pytest.mark.parametrize(
     "channels,ratio,round_to,expected",
-    [(64, 0.3, 8, 48), (24, 0.3, 8, 16), (16, 0.3, 8, 8), (12, 0.3, 8, 8), (8, 0.3, 8, 6),
-     (3, 0.9, 8, 1), (2, 0.99, 1, 1), (100, 0.0, 8, 100), (16, 0.5, 1, 8)],
+    [(64, 0.3, 8, 48), (24, 0.3, 8, 16), (16, 0.3, 8, 8), (12, 0.3, 8, 8), (3, 0.9, 8, 1),
+     (2, 0.99, 1, 1), (100, 0.0, 8, 100), (16, 0.5, 1, 8),
+     # a multiple of round_to or all channels, whichever is nearer: 10.8 -> 12 (not 8), 37.8 -> 40
+     (12, 0.1, 8, 12), (42, 0.1, 8, 40), (42, 0.01, 8, 42),
+     # a group of exactly round_to channels stays whole; fewer than round_to: unrounded
+     (8, 0.3, 8, 8), (16, 0.3, 16, 16), (7, 0.3, 8, 5),
+     # AVX-512 blocks: 24 -> 16.8 -> 16, 32 -> 22.4 -> 16, 96 -> 67.2 -> 64
+     (24, 0.3, 16, 16), (32, 0.3, 16, 16), (96, 0.3, 16, 64)],
 )
 def test_kept_count(channels, ratio, round_to, expected):
     assert kept_count(channels, ratio, round_to) == expected

@@ -332,6 +332,12 @@ def test_grouped_conv_removes_whole_groups():
     assert groups == 6  # 8 conv groups * 0.7 = 5.6 -> 6 (a group of 8 atoms is not rounded)
     assert w["grouped.weight"].shape == (6 * 4, 4, 3, 3)  # channels per group unchanged
     assert w["reduce.weight"].shape[0] == 24 and w["expand.weight"].shape[1] == 24
+    # round_to counts tensor channels: 4 per conv group, so under 16 the conv groups come in
+    # fours (5.6 -> 4 groups = 16 channels), and the plain 32-channel stream goes to 16 (22.4)
+    pruned16, _ = check_pruned(model, round_to=16)
+    w16 = weights(pruned16)
+    assert conv_attr(pruned16, "grouped.weight", "group") == 4
+    assert w16["grouped.weight"].shape == (16, 4, 3, 3) and w16["stem.weight"].shape[0] == 16
 
 
 def test_unet_conv_transpose_and_concat_skip():
