@@ -1,10 +1,18 @@
 """Benchmark: measured ONNX Runtime speed-up of structured pruning against the MAC reduction.
 
 For ResNet-50 (``benchmarks/models.py``, seeded weights, BN unfused) and MobileNetV2 (torchvision's
-ImageNet weights, ``tests/real_models.py``), each pruned with ``prune(model, ratio)`` (l1, uniform,
-``round_to=8``) at ratios 0.1 .. 0.7 and with ``target_macs=0.5`` (the default, latency-aware
-per-group ratios, and ``MACs 0.5 unif``: one ratio for every group, ``latency_aware=False``, the
-plan before the cost model), side by side in one run:
+ImageNet weights, ``tests/real_models.py``), or any ``--onnx`` file, each pruned with
+``prune(model, ratio, round_to=R)`` (l1, uniform) at ratios 0.1 .. 0.7 and with
+``target_macs=0.5`` (the default, latency-aware per-group ratios, and ``MACs 0.5 unif``: one
+ratio for every group, ``latency_aware=False``, the plan before the cost model), side by side in
+one run:
+
+* ``R = --round-to``, by default ONNX Runtime's NCHWc channel block on this CPU
+  (:func:`nchwc_block`: 16 with AVX-512F, else 8), printed in the header. ONNX Runtime runs
+  convolutions on blocks of that many channels; a kept count off the block is padded up, and a
+  stream narrower than the block leaves the blocked layout (reorders). When ``R`` is not 8 (the
+  API's default), the row ``MACs 0.5 r8`` is the default plan with ``round_to=8``, to show what the
+  block costs;
 
 * ``MACs`` = MACs after / before (:func:`onnx_compress.ir.stats.count_macs`);
 * latency of the original and of the pruned model in ONNX Runtime (CPU provider, its default
@@ -31,6 +39,7 @@ average is printed); ratios of the alternated medians hold up better.
 
     python benchmarks/bench_prune.py                         # both models, batch 1 and 8
     python benchmarks/bench_prune.py --models mobilenetv2 --repeats 20 --json out.json
+    python benchmarks/bench_prune.py --onnx model.onnx --round-to 8
 
 ``--reconstruct-timing`` measures instead the issue's time target: ResNet-50 pruned at ratio 0.3
 with ``reconstruct=True`` from ``--calib-samples`` (default 64) seeded 224x224 inputs, as one
@@ -130,6 +139,16 @@ def compare_cpu(original, pruned, *, batch: int, warmup: int, repeats: int) -> t
     return statistics.median(ta), statistics.median(tb)
 
 
+def nchwc_block() -> int:
+    """ONNX Runtime's NCHWc channel block on this CPU: 16 where the CPU has AVX-512F, else 8
+    (MLAS's x86 convolution kernels; read from ``/proc/cpuinfo``, 8 where that is unavailable)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return 8
+    return 16 if "avx512f" in flags.split() else 8
+
+
 def load_model(name: str) -> onnx.ModelProto:
     if name == "resnet50":
         from benchmarks.models import resnet_onnx
@@ -140,7 +159,9 @@ def load_model(name: str) -> onnx.ModelProto:
 
         cache = Path(os.environ.get("ONNX_COMPRESS_BENCH_CACHE", Path.home() / ".cache" / "onnx-compress-bench"))
         return onnx.load(mobilenet_v2_onnx(cache))
-    raise ValueError(f"unknown model '{name}' (resnet50, mobilenetv2)")
+    if name.endswith(".onnx"):
+        return onnx.load(name)
+    raise ValueError(f"unknown model '{name}' (resnet50, mobilenetv2, or an .onnx path)")
 
 
 def _cpu_seconds() -> float:
@@ -174,7 +195,11 @@ def main(argv=None) -> int:
     from onnx_compress.prune import prune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2"])
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="resnet50, mobilenetv2 (the default: both, unless --onnx is given)")
+    parser.add_argument("--onnx", nargs="+", default=[], metavar="PATH", help="add these .onnx files to --models")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept channel multiple (default: ONNX Runtime's NCHWc block on this CPU)")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
@@ -195,11 +220,17 @@ def main(argv=None) -> int:
         return 1 if not ok and args.strict else 0
 
     rows, failures = [], []
-    print(f"load average before: {os.getloadavg()[0]:.2f} (CPUs usable: {len(os.sched_getaffinity(0))})")
-    for name in args.models:
+    round_to = args.round_to if args.round_to is not None else nchwc_block()
+    print(f"load average before: {os.getloadavg()[0]:.2f} (CPUs usable: {len(os.sched_getaffinity(0))}); "
+          f"round_to {round_to} (ONNX Runtime's NCHWc block on this CPU: {nchwc_block()})")
+    models = (args.models if args.models is not None else [] if args.onnx else ["resnet50", "mobilenetv2"]) + args.onnx
+    for name in models:
         model = load_model(name)
         settings = [(f"ratio {r:.1f}", {"ratio": r}) for r in args.ratios] + [
             ("MACs 0.5", {"target_macs": 0.5}), ("MACs 0.5 unif", {"target_macs": 0.5, "latency_aware": False})]
+        settings = [(label, {**kw, "round_to": round_to}) for label, kw in settings]
+        if round_to != 8:
+            settings.append(("MACs 0.5 r8", {"target_macs": 0.5, "round_to": 8}))
         how = (f"{args.rounds} alternated processes x {args.repeats} runs" if args.isolation == "process"
                else f"{args.repeats} interleaved runs in one process")
         print(f"\n{name}: threads {args.threads}, medians of {how}")
@@ -240,7 +271,7 @@ def main(argv=None) -> int:
     if args.json:
         fd, tmp = tempfile.mkstemp(dir=args.json.parent or ".", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({"rows": rows, "failures": failures, "threads": args.threads,
+            json.dump({"rows": rows, "failures": failures, "threads": args.threads, "round_to": round_to,
                        "load_average": os.getloadavg()}, f, indent=2)
         os.replace(tmp, args.json)
     verdict = "PASS: every target met" if not failures else "FAIL: " + "; ".join(failures)

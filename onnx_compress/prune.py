@@ -30,7 +30,9 @@ Options (keyword-only, one per CLI flag):
 * ``target_macs``: keep at most this fraction of the MACs (bisection; ``ratio`` is ignored);
   without global ranking the per-group ratios follow a latency cost model unless
   ``latency_aware=False`` (:mod:`onnx_compress.dependency_graph.strategy`);
-* ``round_to``, ``ignore``: see :mod:`onnx_compress.dependency_graph.strategy` / ``.graph``;
+* ``round_to``: kept counts are multiples of it or the whole group (default 8; 16 matches ONNX
+  Runtime's convolution block on AVX-512 CPUs, see :mod:`onnx_compress.dependency_graph.strategy`);
+* ``ignore``: see :mod:`onnx_compress.dependency_graph.graph`;
 * ``calib``: an ``.npz`` keyed by input name (stacked on axis 0), a folder of ``.npz`` feeds, a
   folder of images (made into tensors by ``calib_preprocessing``, an ``ImagePreprocessing``), a
   dict of arrays or an iterable of feed dicts (loaded by

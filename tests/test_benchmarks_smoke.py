@@ -89,3 +89,26 @@ def test_weightless_fast_paths_are_exact(cache_dir):
 
     assert file_size(model) == model.ByteSize()
     assert infer_shapes(model, data_prop=True) == onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def test_bench_prune_main_on_the_bundled_example(tmp_path, capsys):
+    """``benchmarks/bench_prune.py`` end to end on ``examples/tiny_cnn.onnx`` (32x32, one
+    process per model and round): one row per setting and batch, MAC fractions below 1, the
+    verdict line last."""
+    from benchmarks import bench_prune
+
+    out = tmp_path / "prune.json"
+    code = bench_prune.main(["--onnx", "examples/tiny_cnn.onnx", "--ratios", "0.3", "--batches", "1",
+                             "--repeats", "1", "--rounds", "1", "--warmup", "0", "--round-to", "8",
+                             "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round_to 8" in printed
+    assert printed.strip().splitlines()[-1].startswith(("PASS:", "FAIL:"))
+    result = json.loads(out.read_text())
+    assert result["round_to"] == 8
+    assert [r["setting"] for r in result["rows"]] == ["ratio 0.3", "MACs 0.5", "MACs 0.5 unif"]  # no r8 row at 8
+    for row in result["rows"]:
+        assert 0 < row["macs_ratio"] < 1 and row["orig_s"] > 0 and row["pruned_s"] > 0
+        assert math.isclose(row["speedup"], row["orig_s"] / row["pruned_s"])
+    assert bench_prune.nchwc_block() in (8, 16)

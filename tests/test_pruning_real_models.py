@@ -290,7 +290,7 @@ def test_bench_prune_accuracy_main_on_mobilenet(tmp_path, capsys, cache):
     assert code == 0
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["mobilenetv2"]["rows"]}
-    assert set(rows) == {"l1", "activation", "l1+reconstruct"}
+    assert set(rows) == {"l1", "activation", "l1+reconstruct", "l1+reconstruct1"}
     for r in rows.values():
         assert r["evaluated"] == 4 and 0.0 <= r["top1_agreement"] <= r["top5_agreement"] <= 100.0
         assert -1.0 <= r["logit_cosine"] <= 1.0 and r["macs_ratio"] < 0.8
