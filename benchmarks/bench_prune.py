@@ -19,8 +19,9 @@ one run:
   graph optimisations, ``intra_op_num_threads = --threads``, default 2, one inter-op thread), at
   batch 1 and 8, each model **in a process of its own** (``benchmarks/isolated.py``: ORT's worker
   threads spin after a run, so two sessions in one process slow each other down -- measured there),
-  ``--rounds`` rounds alternating original and pruned, each ``--warmup`` untimed runs then
-  ``--repeats`` timed ones; a model's latency is the best of its per-process medians (a process
+  ``--rounds`` rounds, each running the original and every pruned setting in turn (one shared
+  baseline per model and batch), each process ``--warmup`` untimed runs then ``--repeats`` timed
+  ones; a model's latency is the best of its per-process medians (a process
   on this VM runs fast or slow as a whole, interference only adds time: see ``isolated.py``), and
   ``pooled`` is the speed-up from the medians of all runs instead. ``--isolation interleaved`` is
   the older method (both sessions in this process, runs interleaved), kept for comparison;
@@ -93,20 +94,19 @@ def _timed(session, feed) -> float:
     return time.perf_counter() - start
 
 
-def compare_isolated(original, pruned, *, batch: int, threads: int, warmup: int, repeats: int,
+def compare_isolated(models: dict[str, onnx.ModelProto], *, batch: int, threads: int, warmup: int, repeats: int,
                      rounds: int) -> dict:
-    """Each model in processes of its own: ``benchmarks.isolated.side_by_side``'s figures, keyed
-    "original" and "pruned"."""
+    """Each model in processes of its own, all of them alternated in the same rounds:
+    ``benchmarks.isolated.side_by_side``'s figures, keyed like ``models``."""
     from benchmarks.isolated import side_by_side
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for key, model in (("original", original), ("pruned", pruned)):
-            paths[key] = Path(tmp) / f"{key}.onnx"
+        for i, (key, model) in enumerate(models.items()):
+            paths[key] = Path(tmp) / f"model{i}.onnx"
             onnx.save(model, paths[key])
-        got = side_by_side({k: {"path": v, "backend": "onnxruntime", "threads": threads} for k, v in paths.items()},
-                           batch=batch, warmup=warmup, repeats=repeats, rounds=rounds)
-    return got
+        return side_by_side({k: {"path": v, "backend": "onnxruntime", "threads": threads} for k, v in paths.items()},
+                            batch=batch, warmup=warmup, repeats=repeats, rounds=rounds)
 
 
 def compare(original, pruned, *, batch: int, threads: int, warmup: int, repeats: int) -> tuple[float, float]:
@@ -237,18 +237,22 @@ def main(argv=None) -> int:
         print(f"{'setting':<13} {'MACs':>6} {'batch':>5} {'orig ms':>9} {'pruned ms':>9} {'speed-up':>8} {'eff':>5}"
               + (f" {'pooled':>8}" if args.isolation == "process" else "")
               + (f" {'cpu1 speed-up':>13} {'cpu1 eff':>8}" if args.cpu_time else ""))
+        pruned, macs = {}, {}
         for label, kw in settings:
-            pruned, report = prune(model, **kw)
-            mac = report.macs_after / report.macs_before
-            for batch in args.batches:
+            pruned[label], report = prune(model, **kw)
+            macs[label] = report.macs_after / report.macs_before
+        for batch in args.batches:
+            if args.isolation == "process":  # the original and every setting, alternated in the same rounds
+                got = compare_isolated({"original": model, **pruned}, batch=batch, threads=args.threads,
+                                       warmup=args.warmup, repeats=args.repeats, rounds=args.rounds)
+            for label, _ in settings:
+                mac = macs[label]
                 pooled = None
                 if args.isolation == "process":
-                    got = compare_isolated(model, pruned, batch=batch, threads=args.threads, warmup=args.warmup,
-                                           repeats=args.repeats, rounds=args.rounds)
-                    t0, t1 = got["original"]["best_median_s"], got["pruned"]["best_median_s"]
-                    pooled = got["original"]["median_s"] / got["pruned"]["median_s"]
+                    t0, t1 = got["original"]["best_median_s"], got[label]["best_median_s"]
+                    pooled = got["original"]["median_s"] / got[label]["median_s"]
                 else:
-                    t0, t1 = compare(model, pruned, batch=batch, threads=args.threads, warmup=args.warmup,
+                    t0, t1 = compare(model, pruned[label], batch=batch, threads=args.threads, warmup=args.warmup,
                                      repeats=args.repeats)
                 speed = t0 / t1
                 eff = speed / (1.0 / mac) if mac < 1 else float("nan")
@@ -258,7 +262,7 @@ def main(argv=None) -> int:
                 if pooled is not None:
                     line += f" {pooled:8.2f}"
                 if args.cpu_time:
-                    c0, c1 = compare_cpu(model, pruned, batch=batch, warmup=args.warmup, repeats=args.repeats)
+                    c0, c1 = compare_cpu(model, pruned[label], batch=batch, warmup=args.warmup, repeats=args.repeats)
                     row.update(orig_cpu_s=c0, pruned_cpu_s=c1, cpu_speedup=c0 / c1, cpu_efficiency=c0 / c1 * mac)
                     line += f" {c0 / c1:13.2f} {c0 / c1 * mac:8.2f}"
                 rows.append(row)
