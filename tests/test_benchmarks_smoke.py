@@ -112,3 +112,12 @@ def test_bench_prune_main_on_the_bundled_example(tmp_path, capsys):
         assert 0 < row["macs_ratio"] < 1 and row["orig_s"] > 0 and row["pruned_s"] > 0
         assert math.isclose(row["speedup"], row["orig_s"] / row["pruned_s"])
     assert bench_prune.nchwc_block() in (8, 16)
+
+
+def test_bench_prune_groups_timing_on_the_bundled_example(capsys):
+    from benchmarks import bench_prune
+
+    assert bench_prune.main(["--groups-timing", "--onnx", "examples/tiny_cnn.onnx", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "tiny_cnn.onnx" in lines[-2] and "prunable" in lines[-2]
+    assert lines[-1].startswith(("PASS: groups in", "FAIL: groups in"))  # timings belong to the benchmark
