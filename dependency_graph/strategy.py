@@ -11,9 +11,10 @@ channels up to the block and runs a convolution whose input is narrower than the
 the blocked layout, with reorders around it. MobileNetV2 pruned to half its MACs on an AVX-512
 machine runs 1.91x faster than unpruned at batch 1 with ``r = 16`` and 1.61x with ``r = 8``
 (rows ``MACs 0.5`` and ``MACs 0.5 r8`` of ``benchmarks/bench_prune.py``, figures in
-benchmarks/README.md). A group of exactly ``r`` channels is therefore not pruned, and ``ratio = 0`` keeps all
-``C`` (a 42-channel group is not rounded to 40). Groups with fewer than ``r`` channels (and every
-group when ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to ``[1, C]``. A "channel" here is
+benchmarks/README.md). A group of exactly ``r`` channels is therefore not pruned, and
+``ratio = 0`` keeps all ``C`` (a 42-channel group is not rounded to 40). Groups with fewer than
+``r`` channels (and every group when ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to
+``[1, C]``. A "channel" here is
 the group's pruning atom, ``w`` tensor channels wide (:attr:`PruningGroup.atom_width`: a whole
 conv group of a grouped convolution, a whole attention head); its atoms are rounded to
 multiples of ``r / gcd(r, w)``, which keeps the tensor channels multiples of ``r`` (8 conv groups

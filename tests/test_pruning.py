@@ -329,7 +329,7 @@ def test_grouped_conv_removes_whole_groups():
     pruned, report = check_pruned(model)
     w = weights(pruned)
     groups = conv_attr(pruned, "grouped.weight", "group")
-    assert groups == 6  # 8 conv groups * 0.7 = 5.6 -> 6 (a group of 8 atoms is not rounded)
+    assert groups == 6  # 8 conv groups * 0.7 = 5.6 -> 6 (4 channels each: round_to 8 keeps an even number)
     assert w["grouped.weight"].shape == (6 * 4, 4, 3, 3)  # channels per group unchanged
     assert w["reduce.weight"].shape[0] == 24 and w["expand.weight"].shape[1] == 24
     # round_to counts tensor channels: 4 per conv group, so under 16 the conv groups come in
