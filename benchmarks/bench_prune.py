@@ -7,8 +7,8 @@ ImageNet weights, ``tests/real_models.py``), or any ``--onnx`` file, each pruned
 ratio for every group, ``latency_aware=False``, the plan before the cost model), side by side in
 one run:
 
-* ``R = --round-to``, by default ONNX Runtime's NCHWc channel block on this CPU
-  (:func:`nchwc_block`: 16 with AVX-512F, else 8), printed in the header. ONNX Runtime runs
+* ``R = --round-to``, by default ONNX Runtime's NCHWc channel block on this CPU (``round_to="auto"``:
+  16 with AVX-512F, else 8), printed in the header. ONNX Runtime runs
   convolutions on blocks of that many channels; a kept count off the block is padded up, and a
   stream narrower than the block leaves the blocked layout (reorders). When ``R`` is not 8 (the
   API's default), the row ``MACs 0.5 r8`` is the default plan with ``round_to=8``, to show what the
@@ -146,16 +146,6 @@ def compare_cpu(original, pruned, *, batch: int, warmup: int, repeats: int) -> t
     return statistics.median(ta), statistics.median(tb)
 
 
-def nchwc_block() -> int:
-    """ONNX Runtime's NCHWc channel block on this CPU: 16 where the CPU has AVX-512F, else 8
-    (MLAS's x86 convolution kernels; read from ``/proc/cpuinfo``, 8 where that is unavailable)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return 8
-    return 16 if "avx512f" in flags.split() else 8
-
-
 def load_model(name: str) -> onnx.ModelProto:
     if name == "resnet50":
         from benchmarks.models import resnet_onnx
@@ -221,6 +211,7 @@ def groups_timing(name: str = "resnet50", repeats: int = 5, limit_s: float = 2.0
 
 
 def main(argv=None) -> int:
+    from onnx_compress.dependency_graph.strategy import host_channel_block
     from onnx_compress.prune import prune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -254,9 +245,9 @@ def main(argv=None) -> int:
         return 1 if not ok and args.strict else 0
 
     rows, failures = [], []
-    round_to = args.round_to if args.round_to is not None else nchwc_block()
+    round_to = args.round_to if args.round_to is not None else host_channel_block()
     print(f"load average before: {os.getloadavg()[0]:.2f} (CPUs usable: {len(os.sched_getaffinity(0))}); "
-          f"round_to {round_to} (ONNX Runtime's NCHWc block on this CPU: {nchwc_block()})")
+          f"round_to {round_to} (ONNX Runtime's NCHWc block on this CPU: {host_channel_block()})")
     models = (args.models if args.models is not None else [] if args.onnx else ["resnet50", "mobilenetv2"]) + args.onnx
     for name in models:
         model = load_model(name)

@@ -11,7 +11,9 @@ channels up to the block and runs a convolution whose input is narrower than the
 the blocked layout, with reorders around it. MobileNetV2 pruned to half its MACs on an AVX-512
 machine runs 1.91x faster than unpruned at batch 1 with ``r = 16`` and 1.61x with ``r = 8``
 (rows ``MACs 0.5`` and ``MACs 0.5 r8`` of ``benchmarks/bench_prune.py``, figures in
-benchmarks/README.md). A group of exactly ``r`` channels is therefore not pruned, and
+benchmarks/README.md). ``round_to="auto"`` takes the block of the CPU at hand
+(:func:`host_channel_block`); the default stays 8, so that a model prunes the same everywhere.
+A group of exactly ``r`` channels is therefore not pruned, and
 ``ratio = 0`` keeps all ``C`` (a 42-channel group is not rounded to 40). Groups with fewer than
 ``r`` channels (and every group when ``r <= 1``) keep ``round(C (1 - ratio))`` clamped to
 ``[1, C]``. A "channel" here is
@@ -71,6 +73,7 @@ from __future__ import annotations
 
 import math
 import logging
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -82,6 +85,26 @@ from .graph import DependencyGraph
 logger = logging.getLogger(__name__)
 
 Plan = dict[int, np.ndarray]  # group id -> kept channel indices (ascending)
+
+
+def host_channel_block() -> int:
+    """ONNX Runtime's NCHWc channel block on this CPU: 16 where it has AVX-512F, else 8 (MLAS's x86
+    convolution kernels; read from ``/proc/cpuinfo``, 8 where that cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 8
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return 16 if "avx512f" in flags.split() else 8
+
+
+def resolve_round_to(round_to: int | str) -> int:
+    """``round_to`` as an integer: ``"auto"`` is :func:`host_channel_block`."""
+    if round_to == "auto":
+        return host_channel_block()
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
+    return int(round_to)
 
 
 def allowed_counts(channels: int, round_to: int) -> list[int]:

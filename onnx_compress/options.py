@@ -7,6 +7,7 @@ takes the same names as keyword arguments. Adding an option here adds it to both
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,19 @@ def _opt(default: Any, flag: str, help: str, *, kind: str = "value", metavar: st
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _round_to_arg(text: str) -> int | str:
+    """``--round-to``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got '{text}'")
+    return value
 
 
 @dataclass(frozen=True)
@@ -61,8 +75,9 @@ class CompressOptions:
                            group="prune")
     target_macs: float | None = _opt(None, "--target-macs", "prune until this fraction of the MACs is left (overrides --prune's ratio)",
                                      metavar="F", type=float, group="prune")
-    round_to: int = _opt(8, "--round-to", "kept channel counts: multiples of N or the whole group "
-                                "(ONNX Runtime's channel block: 8 on AVX2, 16 on AVX-512)", metavar="N", group="prune")
+    round_to: int | str = _opt(8, "--round-to", "kept channel counts: multiples of N or the whole group "
+                                      "(ONNX Runtime's channel block: 8 on AVX2, 16 on AVX-512; auto: this CPU's)",
+                               metavar="N|auto", type=_round_to_arg, group="prune")
     prune_ignore: tuple[str, ...] = _opt((), "--prune-ignore", "comma-separated node names, regexes or op types never pruned",
                                          kind="list", metavar="PATTERNS", factory=tuple, group="prune")
     global_ranking: bool = _opt(False, "--global-ranking", "rank channels across groups instead of a uniform ratio",

@@ -31,7 +31,8 @@ Options (keyword-only, one per CLI flag):
   without global ranking the per-group ratios follow a latency cost model unless
   ``latency_aware=False`` (:mod:`onnx_compress.dependency_graph.strategy`);
 * ``round_to``: kept counts are multiples of it or the whole group (default 8; 16 matches ONNX
-  Runtime's convolution block on AVX-512 CPUs, see :mod:`onnx_compress.dependency_graph.strategy`);
+  Runtime's convolution block on AVX-512 CPUs; ``"auto"``: the block of the CPU at hand; see
+  :mod:`onnx_compress.dependency_graph.strategy`);
 * ``ignore``: see :mod:`onnx_compress.dependency_graph.graph`;
 * ``calib``: an ``.npz`` keyed by input name (stacked on axis 0), a folder of ``.npz`` feeds, a
   folder of images (made into tensors by ``calib_preprocessing``, an ``ImagePreprocessing``), a
@@ -80,6 +81,7 @@ from .dependency_graph import (
 )
 from .dependency_graph.importance import activation_members
 from .dependency_graph.reconstruct import plan_fits, second_round, write_fit
+from .dependency_graph.strategy import resolve_round_to
 from .ir import io as ir_io
 from .ir.graph import to_graph, to_model
 from .ir.stats import ModelStats, model_stats
@@ -413,7 +415,7 @@ def prune(
     *,
     importance: str = "l1",
     target_macs: float | None = None,
-    round_to: int = 8,
+    round_to: int | str = 8,
     ignore: Iterable[str] = (),
     calib: Any = None,
     calib_limit: int | None = None,
@@ -433,8 +435,7 @@ def prune(
         raise ValueError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCE)}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
-    if round_to < 1:
-        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    round_to = resolve_round_to(round_to)
     if not 0.0 < max_group_ratio < 1.0:
         raise ValueError(f"max_group_ratio must be in (0, 1), got {max_group_ratio}")
     if target_macs is not None and not 0.0 < target_macs <= 1.0:

@@ -111,7 +111,6 @@ def test_bench_prune_main_on_the_bundled_example(tmp_path, capsys):
     for row in result["rows"]:
         assert 0 < row["macs_ratio"] < 1 and row["orig_s"] > 0 and row["pruned_s"] > 0
         assert math.isclose(row["speedup"], row["orig_s"] / row["pruned_s"])
-    assert bench_prune.nchwc_block() in (8, 16)
 
 
 def test_bench_prune_groups_timing_on_the_bundled_example(capsys):

@@ -35,6 +35,18 @@ def test_prune_cli_shrinks_weights_and_reports(tiny_cnn_path, tmp_path, capsys):
     assert "pruning:" in capsys.readouterr().out
 
 
+def test_round_to_auto_is_this_cpus_block(tiny_cnn_path, tmp_path, capsys):
+    from onnx_compress.dependency_graph.strategy import host_channel_block
+
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main([str(tiny_cnn_path), str(out), "--prune", "0.5", "--round-to", "auto", "--report", str(report)]) == EXIT_OK
+    assert json.loads(report.read_text())["prune"]["round_to"] == host_channel_block() in (8, 16)
+    for bad in ("0", "-8", "eight"):
+        assert main([str(tiny_cnn_path), str(tmp_path / "bad.onnx"), "--prune", "0.5", "--round-to", bad]) == EXIT_USAGE
+        assert "positive integer or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_prune_ratio_zero_keeps_weights(tiny_cnn):
     same = onnx_compress.compress(tiny_cnn, prune=0.0)
     plain = onnx_compress.compress(tiny_cnn)

@@ -20,6 +20,7 @@ from onnx_compress.dependency_graph import (
     top_k,
 )
 from onnx_compress.dependency_graph.graph import _components
+from onnx_compress.dependency_graph.strategy import host_channel_block, resolve_round_to
 from onnx_compress.ir.graph import to_graph
 from onnx_compress.prune import list_groups, masked_reference, prune
 from tests.numerics import assert_parity
@@ -308,6 +309,16 @@ def test_union_find_components():
 )
 def test_kept_count(channels, ratio, round_to, expected):
     assert kept_count(channels, ratio, round_to) == expected
+
+
+def test_resolve_round_to():
+    assert resolve_round_to(8) == 8 and resolve_round_to(np.int64(16)) == 16
+    assert resolve_round_to("auto") == host_channel_block() in (8, 16)
+    for bad in (0, -8, 2.5, "16", True, None):
+        with pytest.raises(ValueError, match="round_to must be"):
+            resolve_round_to(bad)
+    with pytest.raises(ValueError, match="round_to must be"):
+        prune(model([helper.make_node("Relu", ["x"], ["y"])], [], (1, 2), (1, 2)), 0.3, round_to=0)
 
 
 def test_kept_count_rejects_bad_ratio():
